@@ -1,0 +1,56 @@
+# hcc-fl: the two README commands (`make demo`, `make test`) set everything up from zero.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TASK ?= ki67_ceus
+DATA ?= data/phantom
+SEED ?= 0
+# Source files: the editable install is "strict" (a link tree, so mypy sees hcc_fl.*), and a
+# new module needs a re-install of the package (not of its dependencies).
+SOURCES := $(shell find server client shared configs -name '*.py' -o -name '*.yaml' 2>/dev/null)
+
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export RAY_USAGE_STATS_ENABLED=0
+
+.PHONY: install demo test lint typecheck pytest clean help
+
+help:
+	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
+	@echo "make test                   set up .venv, run ruff, mypy and pytest"
+
+$(VENV)/.deps: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU build of torch first, so that nothing pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+$(VENV)/.pkg: $(VENV)/.deps $(SOURCES)
+	$(BIN)/python -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	touch $@
+
+install: $(VENV)/.pkg
+
+$(DATA)/manifest_index.json: | install
+	$(BIN)/hcc-fl synth --out $(DATA) --seed $(SEED)
+
+demo: install $(DATA)/manifest_index.json
+	$(BIN)/hcc-fl simulate task=$(TASK) data_root=$(DATA) run_name=demo-$(TASK) seed=$(SEED) overwrite=true
+
+lint: install
+	$(BIN)/ruff check server client shared configs tests bench
+
+typecheck: install
+	$(BIN)/mypy server client shared
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

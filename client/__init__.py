@@ -1,0 +1,1 @@
+"""Site side of hcc-fl: readers, manifest validation, datasets, local training, ClientApp."""

@@ -1,0 +1,142 @@
+"""Site datasets: read the DICOM export listed in a validated manifest into cached tensors."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hcc_fl.client.io import crop_resize, read_cine, resample_cine, standardise
+from hcc_fl.client.manifest import Manifest, validate_manifest
+from hcc_fl.shared.errors import DataError, DataIssue
+from hcc_fl.shared.models import input_shape
+from hcc_fl.shared.tasks import ClinicalFeature, TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+BCLC_CODE = {"0": 0.0, "A": 1.0, "B": 2.0, "C": 3.0, "D": 4.0}
+
+
+@dataclass
+class SiteData:
+    """Tensors of one site and split: ``video`` (N,1,T,H,W), ``clinical`` (N,C), ``label`` (N,)."""
+
+    video: torch.Tensor
+    clinical: torch.Tensor
+    label: torch.Tensor
+    manifest_sha256: str
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @staticmethod
+    def concat(parts: list[SiteData]) -> SiteData:
+        """Pool several sites (used only by the centralized baseline)."""
+        return SiteData(
+            torch.cat([p.video for p in parts]),
+            torch.cat([p.clinical for p in parts]),
+            torch.cat([p.label for p in parts]),
+            "+".join(p.manifest_sha256[:12] for p in parts),
+        )
+
+
+def clinical_vector(row: dict[str, str], features: tuple[ClinicalFeature, ...]) -> list[float]:
+    """Standardise a manifest row's clinical variables with the task's fixed reference values."""
+    out = []
+    for f in features:
+        raw = row[f.column]
+        if f.transform == "sex_male":
+            x = 1.0 if raw == "M" else 0.0
+        elif f.transform == "bclc":
+            x = BCLC_CODE[raw]
+        elif f.transform == "log10":
+            x = math.log10(max(float(raw), 1e-3))
+        else:
+            x = float(raw)
+        out.append((x - f.mean) / f.std)
+    return out
+
+
+def _roi(row: dict[str, str]) -> tuple[int, int, int, int] | None:
+    keys = ("ceus_roi_x0", "ceus_roi_y0", "ceus_roi_x1", "ceus_roi_y1")
+    if all(row.get(k) for k in keys):
+        x0, y0, x1, y1 = (int(float(row[k])) for k in keys)
+        return (x0, y0, x1, y1)
+    return None
+
+
+_CACHE: dict[tuple[str, str, str, tuple[str, ...]], SiteData] = {}
+
+
+def load_site(
+    manifest_path: str | Path,
+    task_name: str,
+    profile: str,
+    splits: tuple[str, ...],
+    progress: Callable[[int], None] | None = None,
+) -> SiteData:
+    """Validate the manifest, read the listed cines and build tensors for ``splits``.
+
+    Results are cached in memory per (manifest content, task, profile, splits), so a Flower client
+    that handles several messages reads its DICOM files once.
+
+    Raises
+    ------
+    DataError
+        Manifest or image problems, naming file, row and column.
+    """
+    task = get_task(task_name)
+    manifest = validate_manifest(manifest_path, task)
+    key = (manifest.sha256, task_name, profile, splits)
+    if key in _CACHE:
+        return _CACHE[key]
+    data = _build(manifest, task, profile, splits, progress)
+    _CACHE[key] = data
+    return data
+
+
+def _build(
+    manifest: Manifest,
+    task: TaskSpec,
+    profile: str,
+    splits: tuple[str, ...],
+    progress: Callable[[int], None] | None,
+) -> SiteData:
+    frames, size = input_shape(task.name, profile)
+    rows = [(i + 2, r) for i, r in enumerate(manifest.rows) if r["split"] in splits]
+    videos, clin, labels = [], [], []
+    for line, row in rows:
+        try:
+            cine = read_cine(manifest.resolve(row["ceus_cine"]))
+        except DataError as exc:
+            raise DataError(
+                [DataIssue(str(manifest.path), i.message + f" ({i.file})", line, "ceus_cine")
+                 for i in exc.issues]
+            ) from exc
+        roi = _roi(row)
+        if roi is not None:
+            h, w = cine.frames.shape[1:]
+            x0, y0, x1, y1 = roi
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise DataError.single(
+                    manifest.path, f"ROI {roi} lies outside the {w}x{h} cine", line, "ceus_roi_x0"
+                )
+        clip = crop_resize(resample_cine(cine, frames), roi, size)
+        videos.append(standardise(clip)[None])
+        clin.append(clinical_vector(row, task.clinical))
+        labels.append(float(row[task.label]))
+        if progress:
+            progress(1)
+    if not rows:
+        raise DataError.single(manifest.path, f"no rows in split(s) {', '.join(splits)}",
+                               column="split")
+    return SiteData(
+        torch.from_numpy(np.stack(videos)),
+        torch.tensor(clin, dtype=torch.float32),
+        torch.tensor(labels, dtype=torch.float32),
+        manifest.sha256,
+    )

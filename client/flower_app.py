@@ -1,0 +1,198 @@
+"""Flower ClientApp of a site: the only client module that imports ``flwr``.
+
+Handlers unpack the message, call plain training/evaluation code and pack aggregate results.
+A site resolves its data from its own node config (deployment: ``manifest``, ``site``, ``role``)
+or, in simulation, from ``partition-id`` and the phantom's ``manifest_index.json``. Errors sent
+back to the coordinator carry no file paths or values: details stay in the site's log.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hcc_fl.client.data import load_site
+from hcc_fl.client.evaluate import external_statistics, threshold_histograms, validation_metrics
+from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.shared import records as R
+from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.models import build_model
+from hcc_fl.shared.version import code_version
+
+log = logging.getLogger("hcc_fl.site")
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """Who this site is and where its manifest lies (resolved at the site)."""
+
+    name: str
+    role: str
+    manifest: Path
+
+
+def resolve_site(context: Context) -> SiteContext:
+    """Resolve the site from the node config (deployment) or the partition id (simulation)."""
+    nc = context.node_config
+    if "manifest" in nc:
+        return SiteContext(str(nc["site"]), str(nc.get("role", R.ROLE_TRAIN)),
+                           Path(str(nc["manifest"])))
+    rc = context.run_config
+    order = [*str(rc["training-sites"]).split(","), str(rc["external-site"])]
+    pid = int(nc["partition-id"])
+    name = order[pid]
+    root = Path(str(rc["data-root"]))
+    index = json.loads((root / "manifest_index.json").read_text())
+    entry = index["sites"][name]
+    return SiteContext(name, str(entry["role"]), root / str(entry["manifest"]))
+
+
+def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
+                                    Callable[[Message, Context], Message]]:
+    """Log failures at the site; send the coordinator only a path-free summary."""
+
+    def wrap(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        @functools.wraps(fn)
+        def inner(msg: Message, context: Context) -> Message:
+            torch.set_num_threads(max(1, int(context.run_config.get("client-threads", 1))))
+            try:
+                return fn(msg, context)
+            except DataError as exc:
+                log.error("%s failed on site data: %s", kind, exc)
+                raise RuntimeError(
+                    f"{kind}: site data check failed ({len(exc.issues)} issue(s)); "
+                    "run `hcc-fl-client check-data` at the site for details"
+                ) from None
+            except PermissionError as exc:
+                log.warning("%s refused: %s", kind, exc)
+                raise PermissionError(str(exc)) from None
+            except Exception as exc:
+                log.exception("%s failed at the site", kind)
+                raise RuntimeError(
+                    f"{kind}: {type(exc).__name__} at the site; details are in the site's log"
+                ) from None
+
+        return inner
+
+    return wrap
+
+
+def _model(msg: Message, context: Context) -> torch.nn.Module:
+    rc = context.run_config
+    model = build_model(str(rc["task"]), str(rc["profile"]))
+    model.load_state_dict(msg.content[R.ARRAYS].to_torch_state_dict())
+    return model
+
+
+def _load(site: SiteContext, context: Context, splits: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    rc = context.run_config
+    return load_site(site.manifest, str(rc["task"]), str(rc["profile"]), splits)
+
+
+@app.query(R.ACTION_SITE_INFO)
+@_guarded("site-info")
+def site_info(msg: Message, context: Context) -> Message:
+    """Report the site's name, role, cohort sizes and code version (no patient data)."""
+    site = resolve_site(context)
+    n_train = n_val = n_test = 0
+    if site.role == R.ROLE_TRAIN:
+        n_train = len(_load(site, context, ("train",)))
+        n_val = len(_load(site, context, ("val",)))
+    else:
+        n_test = len(_load(site, context, ("test",)))
+    info = ConfigRecord({"site": site.name, "role": site.role, "code-version": code_version()})
+    counts = MetricRecord({"n-train": n_train, "n-val": n_val, "n-test": n_test})
+    return Message(RecordDict({R.INFO: info, R.METRICS: counts}), reply_to=msg)
+
+
+@app.train()
+@_guarded("train")
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model for the configured local epochs on the train split."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        log.warning("site %s is evaluation-only: training message refused", site.name)
+        raise PermissionError(f"site {site.name} is evaluation-only: training refused")
+    rc = context.run_config
+    cfg = msg.content[R.CONFIG]
+    model = _model(msg, context)
+    data = _load(site, context, ("train",))
+    server_round = int(cfg.get("server-round", 0))
+    outcome = train_one_round(
+        model,
+        data,
+        TrainConfig(
+            epochs=int(cfg["local-epochs"]),
+            batch_size=int(cfg["batch-size"]),
+            lr=float(cfg["lr"]),
+            weight_decay=float(cfg["weight-decay"]),
+            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+            seed=int(rc["seed"]) * 100003 + server_round * 101 + zlib.crc32(site.name.encode()),
+            device=str(rc.get("device", "cpu")),
+        ),
+    )
+    metrics = MetricRecord({"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples})
+    return Message(
+        RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: metrics}), reply_to=msg
+    )
+
+
+@app.evaluate()
+@_guarded("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation loss and AUC of the global model on the site's val split."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: per-round validation refused")
+    model = _model(msg, context)
+    m = validation_metrics(model, _load(site, context, ("val",)), str(context.run_config["device"]))
+    return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
+
+
+@app.query(R.ACTION_THRESHOLD)
+@_guarded("threshold-stats")
+def threshold_stats(msg: Message, context: Context) -> Message:
+    """Class-wise probability histograms on the agreed grid (for the pooled Youden threshold)."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
+    rc = context.run_config
+    model = _model(msg, context)
+    split = str(rc["threshold-split"])
+    splits = ("train", "val") if split == "all" else (split,)
+    pos, neg = threshold_histograms(
+        model, _load(site, context, splits), int(rc["histogram-bins"]), str(rc["device"])
+    )
+    return Message(
+        RecordDict({R.METRICS: MetricRecord({"pos": pos, "neg": neg})}), reply_to=msg
+    )
+
+
+@app.query(R.ACTION_EXTERNAL)
+@_guarded("external-eval")
+def external_eval(msg: Message, context: Context) -> Message:
+    """Evaluate the final model on the external cohort; only summary statistics are returned."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_EXTERNAL:
+        raise PermissionError(f"site {site.name} is a training site, not the external site")
+    model = _model(msg, context)
+    threshold = float(msg.content[R.CONFIG]["threshold"])
+    stats = external_statistics(
+        model, _load(site, context, ("test",)), threshold, str(context.run_config["device"])
+    )
+    lower, upper = stats.pop("auc_ci")
+    stats.update(auc_lower=lower, auc_upper=upper)
+    return Message(
+        RecordDict({R.METRICS: MetricRecord({k: float(stats[k]) for k in R.EXTERNAL_NUMERIC_KEYS})}),
+        reply_to=msg,
+    )

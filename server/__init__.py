@@ -1,0 +1,1 @@
+"""Coordinator side of hcc-fl: ServerApp, strategies, simulation driver and run directory."""

@@ -1,0 +1,1 @@
+"""Code shared by coordinator and sites: tasks, models, statistics, phantom, configuration."""
