@@ -23,28 +23,10 @@ from typing import Any
 
 import httpx
 
+from hcc_fl.shared.offline import OFFLINE_ENV
 from hcc_fl.shared.version import code_version
 
 log = logging.getLogger("hcc_fl.coordinator")
-
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "TQDM_DISABLE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def offline_environ() -> None:
-    """Apply :data:`OFFLINE_ENV` to this process (every hcc-fl entry point calls this)."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ[key] = value
-
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (chosen at run time)."""

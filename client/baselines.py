@@ -1,0 +1,125 @@
+"""Baselines without Flower: the same model and budget on pooled data or on one site alone.
+
+``centralized`` trains on the training sites' pooled train splits; ``local:<site>`` on one
+site's train split. Each trains ``rounds x local_epochs`` epochs from the same initial weights as
+the federated arms, picks its Youden threshold on training-site validation predictions and is
+evaluated on the external site by the same code the external site runs under Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hcc_fl.client.data import SiteData, load_site
+from hcc_fl.client.evaluate import external_statistics, threshold_histograms, validation_metrics
+from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.shared.metrics import youden_from_histograms
+from hcc_fl.shared.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaselineResult:
+    """Outcome of one baseline arm."""
+
+    name: str
+    external: dict[str, Any]
+    threshold: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def pooled_threshold(model: nn.Module, parts: list[SiteData], bins: int, device: str) -> float:
+    """Youden threshold from summed class-wise histograms of several sites' predictions."""
+    pos = np.zeros(bins)
+    neg = np.zeros(bins)
+    for d in parts:
+        p, n = threshold_histograms(model, d, bins, device)
+        pos += np.asarray(p)
+        neg += np.asarray(n)
+    return youden_from_histograms(pos, neg)
+
+
+def _splits(name: str) -> tuple[str, ...]:
+    return ("train", "val") if name == "all" else (name,)
+
+
+def run_baselines(
+    cfg: dict[str, Any],
+    data_root: Path,
+    index: dict[str, Any],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[BaselineResult]:
+    """Train and evaluate the enabled baselines of ``cfg`` on the data under ``data_root``."""
+    task, profile = cfg["task"]["name"], cfg["model"]["profile"]
+    fed = cfg["federation"]
+    device = cfg["device"]
+    bins = int(cfg["evaluation"]["histogram_bins"])
+    thr_splits = _splits(cfg["evaluation"]["threshold_split"])
+    epochs = int(fed["rounds"]) * int(fed["local_epochs"])
+    sites = list(fed["training_sites"])
+
+    def manifest(site: str) -> Path:
+        return data_root / index["sites"][site]["manifest"]
+
+    train = {s: load_site(manifest(s), task, profile, ("train",)) for s in sites}
+    val = {s: load_site(manifest(s), task, profile, ("val",)) for s in sites}
+    thr_data = {s: load_site(manifest(s), task, profile, thr_splits) for s in sites}
+    ext = load_site(manifest(fed["external_site"]), task, profile, ("test",))
+
+    arms: list[tuple[str, list[str]]] = []
+    if cfg["baselines"]["centralized"]:
+        arms.append(("centralized", sites))
+    if cfg["baselines"]["local"]:
+        arms.extend((f"local:{s}", [s]) for s in sites)
+
+    results = []
+    for name, members in arms:
+        torch.manual_seed(int(cfg["seed"]))
+        model = build_model(task, profile)
+        data = SiteData.concat([train[s] for s in members])
+        history: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        for epoch in range(1, epochs + 1):
+            out = train_one_round(model, data, TrainConfig(
+                epochs=1, batch_size=int(cfg["model"]["batch_size"]), lr=float(cfg["model"]["lr"]),
+                weight_decay=float(cfg["model"]["weight_decay"]),
+                seed=int(cfg["seed"]) * 100003 + epoch * 101 + zlib.crc32(name.encode()),
+                device=device,
+            ))
+            history.append({"arm": name, "round": epoch, "site": "+".join(members),
+                            "phase": "train", "train_loss": out.loss, "n": out.n_examples})
+            for s in members:
+                m = validation_metrics(model, val[s], device)
+                auc = m["val-auc"]
+                history.append({"arm": name, "round": epoch, "site": s, "phase": "validate",
+                                "val_loss": m["val-loss"],
+                                "val_auc": None if np.isnan(auc) else auc,
+                                "n": int(m["num-examples"])})
+            if progress:
+                progress(name, epoch, epochs)
+        seconds = time.monotonic() - t0
+        try:
+            threshold = pooled_threshold(model, [thr_data[s] for s in members], bins, device)
+        except ValueError:
+            log.warning("%s: threshold split has one class; using train+val predictions", name)
+            both = [load_site(manifest(s), task, profile, ("train", "val")) for s in members]
+            threshold = pooled_threshold(model, both, bins, device)
+        stats = external_statistics(model, ext, threshold, device)
+        results.append(BaselineResult(
+            name, stats, threshold, history,
+            {k: v.detach().cpu() for k, v in model.state_dict().items()}, seconds,
+        ))
+    return results

@@ -1,0 +1,65 @@
+"""Compose and check the experiment configuration (Hydra groups in ``hcc_fl.configs``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hcc_fl.shared.tasks import TASKS
+
+
+class ConfigError(ValueError):
+    """An experiment configuration that cannot run; the message names the key."""
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """Compose ``config.yaml`` with Hydra ``overrides`` (``key=value``, ``group=option``)."""
+    try:
+        with initialize_config_module(config_module="hcc_fl.configs", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"configuration: {exc}") from exc
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    check_config(out)
+    return out  # type: ignore[return-value]
+
+
+def to_yaml(cfg: dict[str, Any]) -> str:
+    """The composed configuration as YAML (written to the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Reject configurations that cannot run, naming the offending key."""
+    task = cfg["task"]["name"]
+    if task not in TASKS:
+        raise ConfigError(f"task.name: unknown task '{task}'; known: {', '.join(sorted(TASKS))}")
+    if not TASKS[task].trainable:
+        raise ConfigError(f"task.name: task '{task}' has no training pipeline in this release "
+                          "(trainable: ki67_ceus)")
+    fed = cfg["federation"]
+    for key in ("rounds", "local_epochs", "min_sites"):
+        if int(fed[key]) < 1:
+            raise ConfigError(f"federation.{key} must be >= 1, got {fed[key]}")
+    if int(fed["min_sites"]) > len(fed["training_sites"]):
+        raise ConfigError(
+            f"federation.min_sites={fed['min_sites']} exceeds the "
+            f"{len(fed['training_sites'])} training sites"
+        )
+    if fed.get("external_site") in fed["training_sites"]:
+        raise ConfigError("federation.external_site must not also be a training site")
+    names = [a["name"] for a in cfg["strategy"]["arms"]]
+    for name in names:
+        if name not in ("fedavg", "fedprox"):
+            raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox)")
+    if len(set(names)) != len(names):
+        raise ConfigError("strategy.arms: each strategy may appear once")
+    if cfg["evaluation"]["threshold_split"] not in ("val", "train", "all"):
+        raise ConfigError("evaluation.threshold_split must be val, train or all")
+    if cfg["model"]["profile"] not in ("tiny", "full"):
+        raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")

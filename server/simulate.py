@@ -1,0 +1,268 @@
+"""``hcc-fl simulate``: federated arms in Flower's simulation engine plus the baselines.
+
+Reads: check every site's data -> start a private SuperLink -> one ``flwr run`` per federated
+arm (sites as virtual SuperNodes; the external site evaluates only) -> centralized and local
+baselines without Flower -> assemble the run directory. The run is built in a hidden folder
+beside its destination and moved into place only when complete, so an existing run directory is
+never left half-overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hcc_fl.server.config import ConfigError, to_yaml
+from hcc_fl.server.flower_runtime import flwr_run, simulation_superlink, write_app_bundle
+from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.tasks import get_task
+from hcc_fl.shared.version import code_version
+
+log = logging.getLogger("hcc_fl.simulate")
+SUMMARY_KEYS = ("auc", "auc_ci", "threshold", "sensitivity", "specificity", "accuracy", "ppv",
+                "npv", "n", "n_pos", "tp", "fp", "tn", "fn")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _summary(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {k: stats.get(k) for k in SUMMARY_KEYS}
+    return _clean(out)  # type: ignore[no-any-return]
+
+
+def load_index(data_root: Path) -> dict[str, Any]:
+    """Read ``manifest_index.json`` (written by ``hcc-fl synth``) with a clear error."""
+    path = data_root / "manifest_index.json"
+    if not path.is_file():
+        raise DataError.single(path, "not found: generate data with `hcc-fl synth --out "
+                               f"{data_root}` or point data_root at a folder that has one")
+    try:
+        index = json.loads(path.read_text())
+        _ = index["sites"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError.single(path, f"not a valid manifest index ({exc})") from exc
+    return index  # type: ignore[no-any-return]
+
+
+def check_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any]) -> None:
+    """Validate every participating site's manifest before any training."""
+    from hcc_fl.client.manifest import validate_manifest
+
+    task = get_task(cfg["task"]["name"])
+    fed = cfg["federation"]
+    wanted = [*fed["training_sites"], fed["external_site"]]
+    issues = []
+    for site in wanted:
+        if site not in index["sites"]:
+            raise ConfigError(f"federation: site '{site}' is not in {data_root}/manifest_index.json"
+                              f" (has: {', '.join(index['sites'])})")
+        splits = ("test",) if site == fed["external_site"] else ("train",)
+        try:
+            validate_manifest(data_root / index["sites"][site]["manifest"], task, splits)
+        except DataError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise DataError(issues)
+
+
+def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -> dict[str, Any]:
+    fed = cfg["federation"]
+    return {
+        "arm": arm,
+        "arm-dir": str(run_dir / "arms" / arm),
+        "config-path": str(run_dir / "config.json"),
+        "task": cfg["task"]["name"],
+        "profile": cfg["model"]["profile"],
+        "data-root": str(data_root),
+        "training-sites": ",".join(fed["training_sites"]),
+        "external-site": fed["external_site"],
+        "client-threads": int(max(1, fed["client_cpus"])),
+        "device": cfg["device"],
+        "histogram-bins": int(cfg["evaluation"]["histogram_bins"]),
+        "threshold-split": cfg["evaluation"]["threshold_split"],
+        "seed": int(cfg["seed"]),
+    }
+
+
+def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
+    """Run the experiment ``cfg`` and return its run directory.
+
+    Raises
+    ------
+    ConfigError, DataError
+        Bad configuration or site data (nothing is written).
+    RuntimeError
+        A federated arm failed; its log is named in the message. No partial run replaces an
+        existing run directory.
+    """
+    data_root = Path(cfg["data_root"]).resolve()
+    index = load_index(data_root)
+    check_sites(cfg, data_root, index)
+    task = cfg["task"]["name"]
+    name = cfg.get("run_name") or f"{task}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    runs_dir = Path(cfg["runs_dir"]).resolve()
+    final = runs_dir / name
+    if final.exists() and not cfg.get("overwrite"):
+        raise ConfigError(f"run directory {final} exists: choose another run_name or pass "
+                          "overwrite=true")
+    work = runs_dir / f".{name}.partial"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True)
+    cfg = {**cfg, "data_root": str(data_root), "run_name": name}
+    (work / "config.yaml").write_text(to_yaml(cfg))
+    (work / "config.json").write_text(json.dumps(cfg, indent=2))
+    timing: dict[str, float] = {}
+    t_start = time.monotonic()
+
+    fed = cfg["federation"]
+    n_nodes = len(fed["training_sites"]) + (1 if fed.get("external_site") else 0)
+    arm_results: dict[str, dict[str, Any]] = {}
+    arms = [a["name"] for a in cfg["strategy"]["arms"]]
+    if arms:
+        t0 = time.monotonic()
+        with simulation_superlink(work / ".flwr", work / "logs" / "superlink.log") as link:
+            for arm in arms:
+                t_arm = time.monotonic()
+                app_dir = write_app_bundle(work / "app" / arm, _run_config(cfg, arm, work,
+                                                                          data_root))
+                bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
+                           disable=None if not quiet else True, leave=True)
+                last = [0]
+
+                def on_round(cur: int, total: int, bar: tqdm = bar, last: list[int] = last) -> None:
+                    bar.update(cur - 1 - last[0])
+                    last[0] = cur - 1
+
+                logf = work / "logs" / f"flower-{arm}.log"
+                flwr_run(link, app_dir, {
+                    "num-supernodes": n_nodes,
+                    "client-resources-num-cpus": int(max(1, fed["client_cpus"])),
+                    "init-args-num-cpus": max(1, int(torch.get_num_threads())),
+                }, logf, on_round=on_round)
+                bar.update(int(fed["rounds"]) - last[0])
+                bar.close()
+                result_path = work / "arms" / arm / "result.json"
+                if not result_path.is_file():
+                    raise RuntimeError(f"federated arm '{arm}' failed; see its log {logf}")
+                arm_results[arm] = json.loads(result_path.read_text())
+                timing[f"{arm}_s"] = time.monotonic() - t_arm
+        timing["federated_total_s"] = time.monotonic() - t0
+        shutil.rmtree(work / ".flwr", ignore_errors=True)
+
+    baselines = []
+    if cfg["baselines"]["centralized"] or cfg["baselines"]["local"]:
+        from hcc_fl.client.baselines import run_baselines
+
+        t0 = time.monotonic()
+        bars: dict[str, tqdm] = {}
+
+        def progress(arm: str, epoch: int, total: int) -> None:
+            if arm not in bars:
+                bars[arm] = tqdm(total=total, desc=f"{arm:>12} epochs", unit="epoch",
+                                 disable=None if not quiet else True)
+            bars[arm].update(1)
+
+        baselines = run_baselines(cfg, data_root, index, progress)
+        for b in bars.values():
+            b.close()
+        timing["baselines_s"] = time.monotonic() - t0
+
+    # --- assemble the run directory ---------------------------------------------------------
+    models = work / "models"
+    models.mkdir()
+    external: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    sites: list[dict[str, Any]] = []
+    for arm, res in arm_results.items():
+        external[arm] = _summary(res["external"])
+        history.extend(res["history"])
+        rejections.extend(res["rejections"])
+        sites = res["sites"]
+        shutil.move(str(work / "arms" / arm / "model.pt"), models / f"{arm}.pt")
+    for b in baselines:
+        external[b.name] = _summary(b.external)
+        history.extend(b.history)
+        torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
+    shutil.rmtree(work / "arms", ignore_errors=True)
+    primary = arms[0] if arms else (baselines[0].name if baselines else None)
+    if primary:
+        shutil.copyfile(models / f"{primary.replace(':', '-')}.pt", work / "model.pt")
+    timing["total_s"] = time.monotonic() - t_start
+    metrics = {
+        "task": task,
+        "run_name": name,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "model": {"profile": cfg["model"]["profile"], "file": "model.pt", "arm": primary},
+        "external_site": fed["external_site"],
+        "threshold_rule": (
+            "Youden (max sensitivity + specificity) on pooled training-site "
+            f"'{cfg['evaluation']['threshold_split']}' predictions, from summed histograms on a "
+            f"{cfg['evaluation']['histogram_bins']}-bin probability grid"
+        ),
+        "external": external,
+        "sites": sites,
+        "rejected_replies": rejections,
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+    }
+    (work / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2, allow_nan=False)
+                                       + "\n")
+    with (work / "history.jsonl").open("w") as fh:
+        for line in history:
+            fh.write(json.dumps(_clean(line), allow_nan=False) + "\n")
+    shutil.rmtree(work / "app", ignore_errors=True)
+    if final.exists():
+        backup = runs_dir / f".{name}.old"
+        shutil.rmtree(backup, ignore_errors=True)
+        final.rename(backup)
+        work.rename(final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        work.rename(final)
+    return final
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The external-site table printed at the end of a run."""
+    ext = metrics["external"]
+    first = next(iter(ext.values()), {}) if ext else {}
+    lines = [
+        f"External site {metrics['external_site']}: n={first.get('n')}, "
+        f"cases={first.get('n_pos')}  (task {metrics['task']})",
+        f"Threshold: {metrics['threshold_rule']}",
+        "",
+        f"{'arm':<16}{'AUC':>7}  {'95% CI (DeLong)':<16}{'thr':>7}{'sens':>7}{'spec':>7}"
+        f"{'acc':>7}{'PPV':>7}{'NPV':>7}",
+    ]
+
+    def f(x: Any) -> str:
+        return "   n/a" if x is None else f"{x:7.3f}"
+
+    for arm, s in ext.items():
+        ci = s.get("auc_ci")
+        ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and None not in ci else "n/a"
+        lines.append(
+            f"{arm:<16}{f(s.get('auc'))}  {ci_s:<16}{f(s.get('threshold'))}"
+            f"{f(s.get('sensitivity'))}{f(s.get('specificity'))}{f(s.get('accuracy'))}"
+            f"{f(s.get('ppv'))}{f(s.get('npv'))}"
+        )
+    return "\n".join(lines)
