@@ -107,7 +107,7 @@ def run_baselines(
                 history.append({"arm": name, "round": epoch, "site": s, "phase": "validate",
                                 "val_loss": m["val-loss"],
                                 "val_auc": None if np.isnan(auc) else auc,
-                                "n": int(m["num-examples"])})
+                                "n": len(val[s])})
             if progress:
                 progress(name, epoch, epochs)
         seconds = time.monotonic() - t0

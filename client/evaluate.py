@@ -13,7 +13,9 @@ from hcc_fl.client.train import bce_loss, predict
 from hcc_fl.shared.metrics import auc_ci, binary_metrics, score_histogram
 
 
-def validation_metrics(model: nn.Module, data: SiteData, device: str = "cpu") -> dict[str, float]:
+def validation_metrics(
+    model: nn.Module, data: SiteData, device: str = "cpu"
+) -> dict[str, int | float | list[int] | list[float]]:
     """Loss and AUC (NaN when the split has one class) on a site's validation split."""
     prob = predict(model, data, device)
     y = data.label.numpy().astype(np.float64)

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -64,7 +65,7 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
     def wrap(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
         @functools.wraps(fn)
         def inner(msg: Message, context: Context) -> Message:
-            torch.set_num_threads(max(1, int(context.run_config.get("client-threads", 1))))
+            torch.set_num_threads(max(1, int(_num(context.run_config, "client-threads", 1))))
             try:
                 return fn(msg, context)
             except DataError as exc:
@@ -87,10 +88,17 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
     return wrap
 
 
+def _num(record: Any, key: str, default: float | None = None) -> float:
+    """A numeric value of a Flower record or config (they are loosely typed)."""
+    value = record.get(key, default) if default is not None else record[key]
+    return float(cast(Any, value))
+
+
 def _model(msg: Message, context: Context) -> torch.nn.Module:
     rc = context.run_config
     model = build_model(str(rc["task"]), str(rc["profile"]))
-    model.load_state_dict(msg.content[R.ARRAYS].to_torch_state_dict())
+    arrays = cast(ArrayRecord, msg.content[R.ARRAYS])
+    model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
 
@@ -127,17 +135,18 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[R.CONFIG]
     model = _model(msg, context)
     data = _load(site, context, ("train",))
-    server_round = int(cfg.get("server-round", 0))
+    server_round = int(_num(cfg, "server-round", 0))
     outcome = train_one_round(
         model,
         data,
         TrainConfig(
-            epochs=int(cfg["local-epochs"]),
-            batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]),
-            weight_decay=float(cfg["weight-decay"]),
-            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-            seed=int(rc["seed"]) * 100003 + server_round * 101 + zlib.crc32(site.name.encode()),
+            epochs=int(_num(cfg, "local-epochs")),
+            batch_size=int(_num(cfg, "batch-size")),
+            lr=_num(cfg, "lr"),
+            weight_decay=_num(cfg, "weight-decay"),
+            proximal_mu=_num(cfg, "proximal-mu", 0.0),
+            seed=int(_num(rc, "seed")) * 100003 + server_round * 101
+            + zlib.crc32(site.name.encode()),
             device=str(rc.get("device", "cpu")),
         ),
     )
@@ -171,7 +180,7 @@ def threshold_stats(msg: Message, context: Context) -> Message:
     split = str(rc["threshold-split"])
     splits = ("train", "val") if split == "all" else (split,)
     pos, neg = threshold_histograms(
-        model, _load(site, context, splits), int(rc["histogram-bins"]), str(rc["device"])
+        model, _load(site, context, splits), int(_num(rc, "histogram-bins")), str(rc["device"])
     )
     return Message(
         RecordDict({R.METRICS: MetricRecord({"pos": pos, "neg": neg})}), reply_to=msg
@@ -186,13 +195,15 @@ def external_eval(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_EXTERNAL:
         raise PermissionError(f"site {site.name} is a training site, not the external site")
     model = _model(msg, context)
-    threshold = float(msg.content[R.CONFIG]["threshold"])
+    threshold = _num(msg.content[R.CONFIG], "threshold")
     stats = external_statistics(
         model, _load(site, context, ("test",)), threshold, str(context.run_config["device"])
     )
     lower, upper = stats.pop("auc_ci")
     stats.update(auc_lower=lower, auc_upper=upper)
     return Message(
-        RecordDict({R.METRICS: MetricRecord({k: float(stats[k]) for k in R.EXTERNAL_NUMERIC_KEYS})}),
+        RecordDict({R.METRICS: MetricRecord(
+            {k: float(stats[k]) for k in R.EXTERNAL_NUMERIC_KEYS}
+        )}),
         reply_to=msg,
     )

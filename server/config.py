@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -25,8 +25,9 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"configuration: {exc}") from exc
     out = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(out, dict)
-    check_config(out)
-    return out  # type: ignore[return-value]
+    result = cast(dict[str, Any], out)
+    check_config(result)
+    return result
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:

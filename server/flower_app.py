@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def discover_sites(
                                 reply.metadata.src_node_id, reply.error.reason)
                     continue
                 info = dict(reply.content[R.INFO])
-                info.update({k: int(v) for k, v in reply.content[R.METRICS].items()})  # type: ignore[call-overload]
+                info.update({k: int(cast(Any, v)) for k, v in reply.content[R.METRICS].items()})
                 known[reply.metadata.src_node_id] = info
         found = {v["site"] for v in known.values()}
         if expected <= found:

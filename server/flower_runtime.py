@@ -104,7 +104,9 @@ class SuperLink:
 
 
 @contextlib.contextmanager
-def simulation_superlink(home: Path, log_file: Path, startup_s: float = 60.0) -> Iterator[SuperLink]:
+def simulation_superlink(
+    home: Path, log_file: Path, startup_s: float = 60.0
+) -> Iterator[SuperLink]:
     """Start a private simulation SuperLink and stop it (and its children) on exit."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -181,8 +181,8 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
             bars[arm].update(1)
 
         baselines = run_baselines(cfg, data_root, index, progress)
-        for b in bars.values():
-            b.close()
+        for bar_ in bars.values():
+            bar_.close()
         timing["baselines_s"] = time.monotonic() - t0
 
     # --- assemble the run directory ---------------------------------------------------------
@@ -244,7 +244,7 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
 def format_table(metrics: dict[str, Any]) -> str:
     """The external-site table printed at the end of a run."""
     ext = metrics["external"]
-    first = next(iter(ext.values()), {}) if ext else {}
+    first: dict[str, Any] = next(iter(ext.values()), {}) if ext else {}
     lines = [
         f"External site {metrics['external_site']}: n={first.get('n')}, "
         f"cases={first.get('n_pos')}  (task {metrics['task']})",

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from hcc_fl.shared.offline import offline_environ
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.logs import setup_logging
+from hcc_fl.shared.offline import offline_environ
 
 EPILOG = """\
 examples:
@@ -36,8 +36,11 @@ def _synth(args: argparse.Namespace) -> int:
     sites = default_sites(args.scale)
     with tqdm(total=sum(s.n for s in sites), desc="phantom patients", unit="patient",
               disable=None) as bar:
-        index = generate(out, seed=args.seed, scale=args.scale, sites=sites,
-                         progress=bar.update)
+
+        def step(n: int) -> None:
+            bar.update(n)
+
+        index = generate(out, seed=args.seed, scale=args.scale, sites=sites, progress=step)
     for name, site in index["sites"].items():
         print(f"{name:<10} {site['role']:<9} {site['n']:>4} patients  {out / site['manifest']}")
     print(f"latent variables (never used for training): {out / 'truth.csv'}")

@@ -130,7 +130,8 @@ def auc_ci(
     z = stats.norm.ppf(0.5 + level / 2.0)
     if method == "delong":
         half = z * math.sqrt(max(var, 0.0))
-        return AUCResult(auc, max(0.0, auc - half), min(1.0, auc + half), var, level, "delong",
+        return AUCResult(auc, float(max(0.0, auc - half)), float(min(1.0, auc + half)), var, level,
+                         "delong",
                          n_pos, n_neg)
     if method == "bootstrap":
         rng = np.random.default_rng(seed)
@@ -179,7 +180,8 @@ def delong_test(
         p = float(2 * stats.norm.sf(abs(zval)))
     zc = stats.norm.ppf(0.5 + level / 2.0)
     half = zc * math.sqrt(max(var_diff, 0.0))
-    return DeLongTest(float(aucs[0]), float(aucs[1]), float(zval), p, (diff - half, diff + half),
+    return DeLongTest(float(aucs[0]), float(aucs[1]), float(zval), p,
+                      (float(diff - half), float(diff + half)),
                       float(cov[0, 1]))
 
 

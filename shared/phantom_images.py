@@ -51,7 +51,7 @@ def irregular_mask(
 def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> F32:
     """Zero-mean, unit-variance spatially smooth Gaussian field."""
     field = rng.normal(size=shape).astype(np.float32)
-    field = cv2.GaussianBlur(field, (0, 0), sigma)
+    field = np.asarray(cv2.GaussianBlur(field, (0, 0), sigma), dtype=np.float32)
     return ((field - field.mean()) / (field.std() + 1e-6)).astype(np.float32)
 
 
@@ -70,7 +70,7 @@ def speckle(shape: tuple[int, ...], site: SiteImaging, rng: np.random.Generator)
     """Multiplicative speckle: gamma(k, 1/k) noise blurred by the site's PSF, mean one."""
     noise = rng.gamma(site.speckle_k, 1.0 / site.speckle_k, size=shape).astype(np.float32)
     if noise.ndim == 2:
-        noise = cv2.GaussianBlur(noise, (0, 0), site.psf_sigma)
+        noise = np.asarray(cv2.GaussianBlur(noise, (0, 0), site.psf_sigma), dtype=np.float32)
     else:
         for i in range(noise.shape[0]):
             noise[i] = cv2.GaussianBlur(noise[i], (0, 0), site.psf_sigma)

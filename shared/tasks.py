@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ColumnKind = Literal["str", "int", "float", "binary", "choice", "dicom", "dicom_dir", "cine", "mask"]
+ColumnKind = Literal[
+    "str", "int", "float", "binary", "choice", "dicom", "dicom_dir", "cine", "mask"
+]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""End to end: phantom DICOM -> `hcc-fl simulate` (real Flower simulation) -> run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import script
+
+ARMS = ["fedavg", "fedprox", "centralized", "local:site_A", "local:site_B", "local:site_C"]
+KEYS = {"auc", "auc_ci", "threshold", "sensitivity", "specificity", "accuracy", "ppv", "npv", "n"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    out = subprocess.run(
+        [script("hcc-fl"), "simulate", f"data_root={demo_phantom}", f"runs_dir={runs}",
+         "run_name=e2e", "federation.rounds=6", "--quiet"],
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "fedavg" in out.stdout and "local:site_C" in out.stdout  # the printed table
+    return runs / "e2e"
+
+
+@pytest.mark.slow
+def test_run_directory(demo_run: Path) -> None:
+    for name in ("config.yaml", "config.json", "history.jsonl", "metrics.json", "model.pt",
+                 "logs/superlink.log", "logs/flower-fedavg.log", "models/fedprox.pt",
+                 "models/centralized.pt"):
+        assert (demo_run / name).is_file(), name
+    assert not list(demo_run.parent.glob(".e2e*"))  # no partial folders left behind
+
+
+@pytest.mark.slow
+def test_metrics_schema_and_external_auc(demo_run: Path) -> None:
+    m = json.loads((demo_run / "metrics.json").read_text())
+    assert m["task"] == "ki67_ceus"
+    assert list(m["external"]) == ARMS
+    for arm in ARMS:
+        e = m["external"][arm]
+        assert set(e) >= KEYS, arm
+        assert e["n"] == 40
+        lo, hi = e["auc_ci"]
+        assert 0 <= lo <= e["auc"] <= hi <= 1
+        assert e["tp"] + e["fp"] + e["tn"] + e["fn"] == 40
+    # The phantom's external oracle AUC is ~0.85; a trained model must clearly beat chance.
+    for arm in ("fedavg", "fedprox"):
+        assert m["external"][arm]["auc"] >= 0.65, (arm, m["external"][arm])
+    roles = {s["site"]: s["role"] for s in m["sites"]}
+    assert roles == {"site_A": "train", "site_B": "train", "site_C": "train",
+                     "site_EXT": "external"}
+
+
+@pytest.mark.slow
+def test_history_per_round_and_site(demo_run: Path) -> None:
+    lines = [json.loads(x) for x in (demo_run / "history.jsonl").read_text().splitlines()]
+    fed = [x for x in lines if x["arm"] == "fedavg"]
+    train = {(x["round"], x["site"]) for x in fed if x["phase"] == "train"}
+    val = {(x["round"], x["site"]) for x in fed if x["phase"] == "validate"}
+    expected = {(r, s) for r in range(1, 7) for s in ("site_A", "site_B", "site_C")}
+    assert train == expected and val == expected
+    assert not any(x["site"] == "site_EXT" for x in lines)  # the external site never trains
+    assert {x["arm"] for x in lines} == set(ARMS)
+
+
+@pytest.mark.slow
+def test_existing_run_is_kept(demo_run: Path, demo_phantom: Path) -> None:
+    before = (demo_run / "metrics.json").read_bytes()
+    out = subprocess.run(
+        [script("hcc-fl"), "simulate", f"data_root={demo_phantom}",
+         f"runs_dir={demo_run.parent}", "run_name=e2e"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2 and "exists" in out.stderr
+    assert (demo_run / "metrics.json").read_bytes() == before
+
+
+def test_bad_site_data_stops_before_training(tmp_path: Path, small_phantom: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(small_phantom, root)
+    manifest = root / "site_B" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[2].split(",")
+    row[header.index("age")] = "old"
+    lines[2] = ",".join(row)
+    manifest.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(
+        [script("hcc-fl"), "simulate", f"data_root={root}", f"runs_dir={tmp_path / 'runs'}",
+         "run_name=bad"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2
+    assert f"{manifest}, line 3, column 'age': expected a number" in out.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
