@@ -12,7 +12,8 @@ import pytest
 from hcc_fl.shared.phantom import generate
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "reference-data"
+# Real public reference data (../shared/reference-data beside the clone, as in CI).
+REFERENCE = Path(os.environ.get("HCC_FL_REFERENCE_DATA", REPO.parent / "shared" / "reference-data"))
 BIN = Path(sys.executable).parent
 
 

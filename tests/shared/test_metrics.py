@@ -21,8 +21,9 @@ from tests.conftest import REFERENCE
 @pytest.fixture(scope="module")
 def asah() -> pd.DataFrame:
     path = REFERENCE / "aSAH.csv"
-    if not path.exists():
-        pytest.skip(f"reference data not found at {path}")
+    assert path.exists(), (
+        f"reference data {path} is missing: clone beside shared/ or set HCC_FL_REFERENCE_DATA"
+    )
     d = pd.read_csv(path)
     d["y"] = (d["outcome"] == "Poor").astype(int)
     return d
