@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hcc_fl.client.data import load_site
+from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import external_statistics, threshold_histograms, validation_metrics
 from hcc_fl.client.train import TrainConfig, train_one_round
 from hcc_fl.shared import records as R
@@ -102,7 +102,7 @@ def _model(msg: Message, context: Context) -> torch.nn.Module:
     return model
 
 
-def _load(site: SiteContext, context: Context, splits: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _load(site: SiteContext, context: Context, splits: tuple[str, ...]) -> SiteData:
     rc = context.run_config
     return load_site(site.manifest, str(rc["task"]), str(rc["profile"]), splits)
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from hcc_fl.shared.errors import DataError
-from hcc_fl.shared.logs import setup_logging
-from hcc_fl.shared.offline import offline_environ
+from hcc_fl.shared.logs import run_cli
 
 EPILOG = """\
 examples:
@@ -121,10 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hcc-fl``."""
-    offline_environ()
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return int(args.func(args))
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -16,3 +17,13 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "httpcore", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Common entry: offline environment, parse, logging, dispatch to ``args.func``."""
+    from hcc_fl.shared.offline import offline_environ
+
+    offline_environ()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return int(args.func(args))
