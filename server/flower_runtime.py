@@ -12,9 +12,11 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,28 @@ from hcc_fl.shared.offline import OFFLINE_ENV
 from hcc_fl.shared.version import code_version
 
 log = logging.getLogger("hcc_fl.coordinator")
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: offline, private ``FLWR_HOME``, and this Python's
+    ``bin`` folder first on PATH (the SuperLink starts ``flower-superexec`` and
+    ``flwr-serverapp`` by name, so they must come from the same environment as hcc-fl)."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
+            "PATH": bindir + (os.pathsep + path if path else "")}
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script in this Python's environment (else from PATH)."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"'{name}' not found next to {sys.executable} or on PATH: "
+                           "is flwr installed in this environment?")
+    return found
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (chosen at run time)."""
@@ -110,13 +134,13 @@ def simulation_superlink(
     """Start a private simulation SuperLink and stop it (and its children) on exit."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home)}
+    env = flower_env(home)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "hccsim"\n\n'
         f'[superlink.hccsim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     cmd = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        flower_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation",
     ]
@@ -160,7 +184,8 @@ def flwr_run(
     ``[ROUND i/n]`` line (for a progress bar). Returns the CLI's exit code.
     """
     fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
-    cmd = ["flwr", "run", str(app_dir), "hccsim", "--stream", "--federation-config", fed]
+    cmd = [flower_executable("flwr"), "run", str(app_dir), "hccsim", "--stream",
+           "--federation-config", fed]
     deadline = time.monotonic() + timeout_s
     with log_file.open("a") as out:
         proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE,
