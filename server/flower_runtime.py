@@ -140,7 +140,8 @@ def simulation_superlink(
         f'[superlink.hccsim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     cmd = [
-        flower_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        flower_executable("flower-superlink"), "--insecure", "--simulation",
+        "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation",
     ]
