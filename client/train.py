@@ -71,7 +71,8 @@ def train_one_round(
     """
     device = resolve_device(cfg.device)
     model.to(device).train()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batching and augmentation
+    torch.manual_seed(cfg.seed)  # dropout draws from the global generator
     n = len(data)
     n_pos = float(data.label.sum())
     pos_weight = torch.tensor([(n - n_pos) / max(n_pos, 1.0)], device=device)

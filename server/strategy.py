@@ -85,7 +85,7 @@ class SiteAwareMixin:
 
     def _screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         good = []
-        for msg in replies:
+        for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
                 continue
@@ -113,7 +113,9 @@ class SiteAwareMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen replies, record per-site training metrics, then aggregate with Flower."""
-        good = self._screen_train(server_round, list(replies))
+        # Aggregate in a fixed (site name) order: replies arrive in any order, and the order of
+        # the floating-point sums must not change the result between runs.
+        good = sorted(self._screen_train(server_round, list(replies)), key=self._site)
         if len(good) < self.min_sites:
             log.warning(
                 "round %d: only %d usable replies (min_sites=%d): the global model is unchanged",
@@ -134,7 +136,7 @@ class SiteAwareMixin:
     ) -> MetricRecord | None:
         """Record per-site validation loss and AUC; aggregate only the loss."""
         good = []
-        for msg in replies:
+        for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
                 continue

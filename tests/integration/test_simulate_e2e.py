@@ -100,3 +100,24 @@ def test_bad_site_data_stops_before_training(tmp_path: Path, small_phantom: Path
     assert out.returncode == 2
     assert f"{manifest}, line 3, column 'age': expected a number" in out.stderr
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_federated_model(small_phantom: Path, tmp_path: Path) -> None:
+    """Replies arrive in any order and sites run in any actor: the result must not change."""
+    import torch
+
+    models = []
+    for name in ("r1", "r2"):
+        out = subprocess.run(
+            [script("hcc-fl"), "simulate", f"data_root={small_phantom}",
+             f"runs_dir={tmp_path}", f"run_name={name}", "strategy=fedavg",
+             "federation.rounds=2", "baselines.centralized=false", "baselines.local=false",
+             "--quiet"],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        models.append(torch.load(tmp_path / name / "model.pt"))
+    assert models[0].keys() == models[1].keys()
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
