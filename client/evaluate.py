@@ -10,7 +10,7 @@ from torch import nn
 
 from hcc_fl.client.data import SiteData
 from hcc_fl.client.train import bce_loss, predict
-from hcc_fl.shared.metrics import auc_ci, binary_metrics, score_histogram
+from hcc_fl.shared.metrics import ScoreGrid, auc_ci, binary_metrics, site_histograms
 
 
 def validation_metrics(
@@ -30,7 +30,7 @@ def threshold_histograms(
 ) -> tuple[list[float], list[float]]:
     """Class-wise histograms of predicted probabilities on the agreed grid (cases, controls)."""
     prob = predict(model, data, device)
-    pos, neg = score_histogram(data.label.numpy(), prob, n_bins)
+    pos, neg = site_histograms(data.label.numpy(), prob, ScoreGrid(n_bins))
     return pos.tolist(), neg.tolist()
 
 

@@ -28,7 +28,7 @@ def test_declared_packages_match_folders() -> None:
 
 
 def test_every_package_ships_py_typed() -> None:
-    for folder in ("server", "client", "shared", "shared/models"):
+    for folder in ("server", "client", "shared", "shared/models", "shared/metrics"):
         assert (REPO / folder / "py.typed").is_file(), folder
 
 

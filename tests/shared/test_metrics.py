@@ -8,10 +8,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from hcc_fl.shared.metrics import (
+    ScoreGrid,
     auc_ci,
     binary_metrics,
     delong_test,
-    score_histogram,
+    site_histograms,
     youden_from_histograms,
     youden_threshold,
 )
@@ -79,7 +80,7 @@ def test_histogram_youden_within_one_bin() -> None:
     y = rng.integers(0, 2, 400)
     p = 1 / (1 + np.exp(-(rng.normal(size=400) + 1.5 * y)))
     exact = youden_threshold(y, p)
-    pos, neg = score_histogram(y, p, 1000)
+    pos, neg = site_histograms(y, p, ScoreGrid(1000))
     approx = youden_from_histograms(pos, neg)
     ex = binary_metrics(y, p, exact)
     ap = binary_metrics(y, p, approx)
@@ -87,7 +88,8 @@ def test_histogram_youden_within_one_bin() -> None:
     assert abs(approx - exact) <= 1e-3 + 1e-12 or np.isclose(
         ex.sensitivity + ex.specificity, ap.sensitivity + ap.specificity, atol=2 / 200)
     # Summing per-site histograms equals the histogram of the pooled data.
-    halves = [score_histogram(y[:150], p[:150]), score_histogram(y[150:], p[150:])]
+    grid = ScoreGrid(1000)
+    halves = [site_histograms(y[:150], p[:150], grid), site_histograms(y[150:], p[150:], grid)]
     assert np.array_equal(halves[0][0] + halves[1][0], pos)
 
 

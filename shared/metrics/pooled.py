@@ -1,0 +1,325 @@
+"""Pooled statistics across sites from summed sufficient statistics (no per-patient scores move).
+
+Each site computes sums locally (``site_*`` functions); the coordinator adds them up and finishes
+the statistic (``pooled_*`` functions). The sums are plain arrays, so they can also travel through
+secure aggregation, after which the coordinator sees only the cross-site totals.
+
+Scores are placed on an agreed grid (:class:`ScoreGrid`, default 10,000 equal bins on [0, 1]).
+**Binning error bound**: pooled AUC, DeLong variance and the paired DeLong test equal the central
+DeLong statistics computed on the binned scores exactly; they differ from the unbinned central
+values only through case-control pairs (and, for the variance, placement values) falling in the
+same bin, which are counted as ties. The AUC error is therefore at most half the fraction of
+case-control pairs sharing a bin (<= 0.5 * the largest bin's share of patients). A paired DeLong
+test between two similar models amplifies this error (the variance of the difference is small):
+on the phantom, 1,000 bins moved its p-value by 0.02, 10,000 bins by less than 1e-12. The Youden
+threshold and net benefit are exact at the grid's edges.
+
+Disclosure: a single site's fine histogram tells the coordinator approximately how that site's
+scores are distributed (not which patient has which score). A site can choose a coarser grid
+(fewer bins) at the cost of a larger binning error, and once secure aggregation is on, the
+coordinator sees only sums over sites.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats
+
+from hcc_fl.shared.metrics.classification import AUCResult, DeLongTest
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ScoreGrid:
+    """The agreed grid: ``n_bins`` equal bins on [lo, hi]; bin i holds lo + i*w <= s < lo+(i+1)*w
+    (the last bin includes ``hi``)."""
+
+    n_bins: int = 10_000
+    lo: float = 0.0
+    hi: float = 1.0
+
+    @property
+    def edges(self) -> F64:
+        """The ``n_bins + 1`` bin edges."""
+        return np.linspace(self.lo, self.hi, self.n_bins + 1)
+
+    def index(self, score: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Bin index of each score (scores outside [lo, hi] are refused)."""
+        s = np.asarray(score, dtype=np.float64).ravel()
+        if np.any(~np.isfinite(s)) or np.any((s < self.lo) | (s > self.hi)):
+            raise ValueError(f"scores must be finite and lie in [{self.lo}, {self.hi}]")
+        idx = ((s - self.lo) / (self.hi - self.lo) * self.n_bins).astype(np.int64)
+        return np.minimum(idx, self.n_bins - 1)
+
+
+# ----------------------------------------------------------------------------- pass 1: histograms
+def site_histograms(y: npt.ArrayLike, score: npt.ArrayLike, grid: ScoreGrid) -> tuple[F64, F64]:
+    """Class-wise counts per bin (cases, controls) of one site."""
+    yy = np.asarray(y, dtype=np.float64).ravel()
+    idx = grid.index(score)
+    if yy.shape != idx.shape:
+        raise ValueError("y and score differ in length")
+    pos = np.bincount(idx[yy == 1], minlength=grid.n_bins).astype(np.float64)
+    neg = np.bincount(idx[yy == 0], minlength=grid.n_bins).astype(np.float64)
+    return pos, neg
+
+
+def _placements(pos: F64, neg: F64) -> tuple[F64, F64]:
+    """Per-bin placement values: V10 for a case in bin b, V01 for a control in bin b."""
+    m, n = pos.sum(), neg.sum()
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    pos_above = pos.sum() - np.cumsum(pos)
+    v10 = (neg_below + 0.5 * neg) / n
+    v01 = (pos_above + 0.5 * pos) / m
+    return v10, v01
+
+
+def pooled_auc(pos: F64, neg: F64) -> float:
+    """AUC from summed class-wise histograms (ties within a bin count one half)."""
+    if pos.sum() == 0 or neg.sum() == 0:
+        raise ValueError("the AUC needs at least one case and one control")
+    v10, _ = _placements(pos, neg)
+    return float((pos * v10).sum() / pos.sum())
+
+
+def youden_from_histograms(pos: F64, neg: F64, grid: ScoreGrid | None = None) -> float:
+    """Youden threshold over the grid's edges from summed histograms (positive if s >= thr)."""
+    grid = grid or ScoreGrid(len(pos))
+    if pos.sum() == 0 or neg.sum() == 0:
+        raise ValueError("the Youden threshold needs both classes")
+    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
+    fp = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])
+    j = tp / pos.sum() + 1.0 - fp / neg.sum()
+    best = int(np.argmax(j))
+    if best == len(pos):
+        return float(grid.hi + 1e-9)
+    return float(grid.edges[best])
+
+
+def confusion_at_edges(pos: F64, neg: F64) -> tuple[F64, F64]:
+    """(TP, FP) when the threshold is each grid edge (n_bins + 1 values)."""
+    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
+    fp = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])
+    return tp, fp
+
+
+def pooled_net_benefit(pos: F64, neg: F64, grid: ScoreGrid, thresholds: npt.ArrayLike) -> F64:
+    """Model net benefit at ``thresholds`` (each must be a grid edge) from summed histograms."""
+    tp, fp = confusion_at_edges(pos, neg)
+    n = pos.sum() + neg.sum()
+    out = []
+    for pt in np.asarray(thresholds, dtype=np.float64):
+        k = int(round((pt - grid.lo) / (grid.hi - grid.lo) * grid.n_bins))
+        if not math.isclose(grid.edges[k], pt, abs_tol=1e-12):
+            raise ValueError(f"threshold {pt} is not an edge of the grid")
+        out.append(tp[k] / n - fp[k] / n * pt / (1 - pt))
+    return np.asarray(out, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- pass 2: moments
+@dataclass(frozen=True)
+class PlacementSums:
+    """A site's sums of placement values against the broadcast pooled histograms.
+
+    ``case`` and ``control`` each hold [count, sum_a, sum_a^2, sum_b, sum_b^2, sum_a*b]; the
+    ``b`` entries are 0 when only one model is evaluated.
+    """
+
+    case: F64
+    control: F64
+
+    def __add__(self, other: PlacementSums) -> PlacementSums:
+        return PlacementSums(self.case + other.case, self.control + other.control)
+
+
+def site_placement_sums(
+    y: npt.ArrayLike,
+    score_a: npt.ArrayLike,
+    pooled_a: tuple[F64, F64],
+    grid: ScoreGrid,
+    score_b: npt.ArrayLike | None = None,
+    pooled_b: tuple[F64, F64] | None = None,
+) -> PlacementSums:
+    """Pass 2 at a site: placement-value moments of its own patients (model a, optionally b)."""
+    yy = np.asarray(y, dtype=np.float64).ravel()
+    va10, va01 = _placements(*pooled_a)
+    ia = grid.index(score_a)
+    a = np.where(yy == 1, va10[ia], va01[ia])
+    if score_b is not None and pooled_b is not None:
+        vb10, vb01 = _placements(*pooled_b)
+        ib = grid.index(score_b)
+        b = np.where(yy == 1, vb10[ib], vb01[ib])
+    else:
+        b = np.zeros_like(a)
+
+    def sums(mask: npt.NDArray[np.bool_]) -> F64:
+        return np.array([mask.sum(), a[mask].sum(), (a[mask] ** 2).sum(), b[mask].sum(),
+                         (b[mask] ** 2).sum(), (a[mask] * b[mask]).sum()], dtype=np.float64)
+
+    return PlacementSums(sums(yy == 1), sums(yy == 0))
+
+
+def _moments(s: F64) -> tuple[float, float, float, float, float]:
+    """(mean_a, var_a, mean_b, var_b, cov_ab) with ddof=1 from a sums vector."""
+    n, sa, saa, sb, sbb, sab = s
+    if n < 2:
+        return (sa / max(n, 1), 0.0, sb / max(n, 1), 0.0, 0.0)
+    return (sa / n, (saa - sa * sa / n) / (n - 1), sb / n, (sbb - sb * sb / n) / (n - 1),
+            (sab - sa * sb / n) / (n - 1))
+
+
+def pooled_auc_ci(sums: PlacementSums, level: float = 0.95) -> AUCResult:
+    """Pooled AUC of model a with its DeLong CI, from the summed placement sums."""
+    m, n = int(sums.case[0]), int(sums.control[0])
+    if m == 0 or n == 0:
+        raise ValueError("the AUC needs at least one case and one control")
+    auc, var10, _, _, _ = _moments(sums.case)
+    _, var01, _, _, _ = _moments(sums.control)
+    var = var10 / m + var01 / n
+    z = float(stats.norm.ppf(0.5 + level / 2.0))
+    half = z * math.sqrt(max(var, 0.0))
+    return AUCResult(float(auc), float(max(0.0, auc - half)), float(min(1.0, auc + half)),
+                     float(var), level, "delong-pooled", m, n)
+
+
+def pooled_delong_test(sums: PlacementSums, level: float = 0.95) -> DeLongTest:
+    """Paired DeLong test of model a vs model b from the summed placement sums."""
+    m, n = sums.case[0], sums.control[0]
+    auc_a, va10, auc_b, vb10, c10 = _moments(sums.case)
+    _, va01, _, vb01, c01 = _moments(sums.control)
+    cov = c10 / m + c01 / n
+    var = va10 / m + va01 / n + vb10 / m + vb01 / n - 2 * cov
+    diff = auc_a - auc_b
+    if var <= 0:
+        zval, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
+    else:
+        zval = diff / math.sqrt(var)
+        p = float(2 * stats.norm.sf(abs(zval)))
+    zc = float(stats.norm.ppf(0.5 + level / 2.0))
+    half = zc * math.sqrt(max(var, 0.0))
+    return DeLongTest(float(auc_a), float(auc_b), float(zval), p,
+                      (float(diff - half), float(diff + half)), float(cov))
+
+
+# ----------------------------------------------------------------------------- calibration
+def site_calibration_sums(y: npt.ArrayLike, prob: npt.ArrayLike, n_bins: int = 10) -> F64:
+    """Per equal-width probability bin: [n, sum p, sum y]; plus a last row [n, sum (p-y)^2,
+    sum y] for the Brier score. Shape (n_bins + 1, 3)."""
+    yy = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    idx = ScoreGrid(n_bins).index(p)
+    out = np.zeros((n_bins + 1, 3))
+    np.add.at(out[:, 0], idx, 1.0)
+    np.add.at(out[:, 1], idx, p)
+    np.add.at(out[:, 2], idx, yy)
+    out[n_bins] = [len(p), ((p - yy) ** 2).sum(), yy.sum()]
+    return out
+
+
+@dataclass(frozen=True)
+class PooledCalibration:
+    """Pooled calibration curve (mean predicted, observed rate, n per non-empty bin) and Brier."""
+
+    bins: tuple[tuple[float, float, int], ...]
+    brier: float
+    scaled_brier: float
+
+
+def pooled_calibration(sums: F64) -> PooledCalibration:
+    """Finish the pooled calibration curve and Brier score from summed site sums."""
+    bins = tuple((float(s[1] / s[0]), float(s[2] / s[0]), int(s[0])) for s in sums[:-1] if s[0])
+    n, sq, ys = sums[-1]
+    brier = sq / n
+    ybar = ys / n
+    base = ybar * (1 - ybar)
+    return PooledCalibration(bins, float(brier), float(1 - brier / base) if base else math.nan)
+
+
+# ----------------------------------------------------------------------------- survival
+@dataclass(frozen=True)
+class TimeGrid:
+    """Agreed time grid: ``n_bins`` equal bins on [0, t_max]; times are binned to the bin's left
+    edge. Exact when no two distinct event times share a bin (choose the resolution finer than the
+    data's recording precision)."""
+
+    t_max: float
+    n_bins: int
+
+    def index(self, time: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Bin index of each time (times beyond t_max fall in the last bin)."""
+        t = np.asarray(time, dtype=np.float64).ravel()
+        if np.any(t < 0) or not np.all(np.isfinite(t)):
+            raise ValueError("times must be finite and >= 0")
+        return np.minimum((t / self.t_max * self.n_bins).astype(np.int64), self.n_bins - 1)
+
+    @property
+    def times(self) -> F64:
+        """Left edge of every bin."""
+        return np.arange(self.n_bins, dtype=np.float64) * (self.t_max / self.n_bins)
+
+
+def site_survival_counts(
+    time: npt.ArrayLike, event: npt.ArrayLike, group: npt.ArrayLike, groups: list[object],
+    grid: TimeGrid,
+) -> F64:
+    """Per group and time bin: events and censorings, shape (len(groups), 2, n_bins)."""
+    e = np.asarray(event, dtype=np.float64).ravel()
+    g = np.asarray(group).ravel()
+    idx = grid.index(time)
+    out = np.zeros((len(groups), 2, grid.n_bins))
+    for k, name in enumerate(groups):
+        m = g == name
+        out[k, 0] = np.bincount(idx[m & (e == 1)], minlength=grid.n_bins)
+        out[k, 1] = np.bincount(idx[m & (e == 0)], minlength=grid.n_bins)
+    return out
+
+
+@dataclass(frozen=True)
+class PooledSurvival:
+    """Pooled Kaplan-Meier per group (at event times) and the log-rank test."""
+
+    times: tuple[float, ...]
+    survival: tuple[tuple[float, ...], ...]
+    statistic: float
+    df: int
+    p_value: float
+
+
+def pooled_survival(counts: F64, grid: TimeGrid) -> PooledSurvival:
+    """Kaplan-Meier per group and the k-group log-rank test from summed site counts.
+
+    Within a bin, events are taken to happen before censorings (the usual convention for ties).
+    """
+    d = counts[:, 0, :]
+    c = counts[:, 1, :]
+    total = (d + c).sum(axis=1)
+    leaving = np.cumsum(d + c, axis=1)
+    at_risk = total[:, None] - np.concatenate([np.zeros((len(d), 1)), leaving[:, :-1]], axis=1)
+    event_bins = np.nonzero(d.sum(axis=0) > 0)[0]
+    surv = []
+    for k in range(len(d)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.where(at_risk[k] > 0, 1.0 - d[k] / np.where(at_risk[k] > 0, at_risk[k], 1),
+                              1.0)
+        surv.append(tuple(float(x) for x in np.cumprod(factor)[event_bins]))
+    dk, nk = d[:, event_bins], at_risk[:, event_bins]
+    dt, nt = dk.sum(axis=0), nk.sum(axis=0)
+    expected = (dt * nk / nt).sum(axis=1)
+    observed = dk.sum(axis=1)
+    g = len(d)
+    v = np.zeros((g, g))
+    for j in range(len(event_bins)):
+        if nt[j] <= 1:
+            continue
+        w = dt[j] * (nt[j] - dt[j]) / (nt[j] - 1)
+        p = nk[:, j] / nt[j]
+        v += w * (np.diag(p) - np.outer(p, p))
+    diff = (observed - expected)[:-1]
+    stat = float(diff @ np.linalg.solve(v[:-1, :-1], diff))
+    return PooledSurvival(tuple(float(x) for x in grid.times[event_bins]), tuple(surv), stat,
+                          g - 1, float(stats.chi2.sf(stat, g - 1)))
