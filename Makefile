@@ -15,7 +15,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test lint typecheck pytest clean help
+.PHONY: install demo test lint typecheck pytest browser clean help
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
@@ -47,7 +47,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy server client shared
 
-pytest: install
+# The report test opens report.html in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+pytest: install browser
 	$(BIN)/pytest
 
 test: lint typecheck pytest

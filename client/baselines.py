@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from hcc_fl.client.data import SiteData, load_site
-from hcc_fl.client.evaluate import external_statistics, threshold_histograms, validation_metrics
+from hcc_fl.client.evaluate import validation_metrics
+from hcc_fl.client.statistics import external_report, pooled_validation
 from hcc_fl.client.train import TrainConfig, train_one_round
-from hcc_fl.shared.metrics import youden_from_histograms
+from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,10 @@ class BaselineResult:
     name: str
     external: dict[str, Any]
     threshold: float
+    validation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     train_seconds: float = 0.0
-
-
-def pooled_threshold(model: nn.Module, parts: list[SiteData], bins: int, device: str) -> float:
-    """Youden threshold from summed class-wise histograms of several sites' predictions."""
-    pos = np.zeros(bins)
-    neg = np.zeros(bins)
-    for d in parts:
-        p, n = threshold_histograms(model, d, bins, device)
-        pos += np.asarray(p)
-        neg += np.asarray(n)
-    return youden_from_histograms(pos, neg)
 
 
 def _splits(name: str) -> tuple[str, ...]:
@@ -66,7 +56,7 @@ def run_baselines(
     task, profile = cfg["task"]["name"], cfg["model"]["profile"]
     fed = cfg["federation"]
     device = cfg["device"]
-    bins = int(cfg["evaluation"]["histogram_bins"])
+    grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
     thr_splits = _splits(cfg["evaluation"]["threshold_split"])
     epochs = int(fed["rounds"]) * int(fed["local_epochs"])
     sites = list(fed["training_sites"])
@@ -112,14 +102,15 @@ def run_baselines(
                 progress(name, epoch, epochs)
         seconds = time.monotonic() - t0
         try:
-            threshold = pooled_threshold(model, [thr_data[s] for s in members], bins, device)
+            threshold, validation = pooled_validation(
+                model, {s: thr_data[s] for s in members}, grid, device)
         except ValueError:
             log.warning("%s: threshold split has one class; using train+val predictions", name)
-            both = [load_site(manifest(s), task, profile, ("train", "val")) for s in members]
-            threshold = pooled_threshold(model, both, bins, device)
-        stats = external_statistics(model, ext, threshold, device)
+            both = {s: load_site(manifest(s), task, profile, ("train", "val")) for s in members}
+            threshold, validation = pooled_validation(model, both, grid, device)
+        stats = external_report(model, ext, threshold, ext.survival, device)
         results.append(BaselineResult(
-            name, stats, threshold, history,
+            name, stats, threshold, validation, history,
             {k: v.detach().cpu() for k, v in model.state_dict().items()}, seconds,
         ))
     return results

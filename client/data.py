@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class SiteData:
     clinical: torch.Tensor
     label: torch.Tensor
     manifest_sha256: str
+    survival: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -134,9 +135,17 @@ def _build(
     if not rows:
         raise DataError.single(manifest.path, f"no rows in split(s) {', '.join(splits)}",
                                column="split")
+    survival: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for t_col, e_col in task.survival_endpoints:
+        values = [(r.get(t_col, ""), r.get(e_col, "")) for _, r in rows]
+        if all(t != "" and e != "" for t, e in values):  # an endpoint is used only when complete
+            survival[t_col.removesuffix("_time")] = (
+                np.array([float(t) for t, _ in values]), np.array([float(e) for _, e in values])
+            )
     return SiteData(
         torch.from_numpy(np.stack(videos)),
         torch.tensor(clin, dtype=torch.float32),
         torch.tensor(labels, dtype=torch.float32),
         manifest.sha256,
+        survival,
     )

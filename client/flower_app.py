@@ -11,21 +11,25 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from hcc_fl.client.data import SiteData, load_site
-from hcc_fl.client.evaluate import external_statistics, threshold_histograms, validation_metrics
+from hcc_fl.client.evaluate import validation_metrics
+from hcc_fl.client.statistics import external_report, validation_placements, validation_sums
 from hcc_fl.client.train import TrainConfig, train_one_round
 from hcc_fl.shared import records as R
 from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 from hcc_fl.shared.version import code_version
 
@@ -118,7 +122,9 @@ def site_info(msg: Message, context: Context) -> Message:
         n_val = len(_load(site, context, ("val",)))
     else:
         n_test = len(_load(site, context, ("test",)))
-    info = ConfigRecord({"site": site.name, "role": site.role, "code-version": code_version()})
+    info = ConfigRecord({"site": site.name, "role": site.role, "code-version": code_version(),
+                         "manifest-sha256": _load(site, context, ("train",) if site.role ==
+                                                  R.ROLE_TRAIN else ("test",)).manifest_sha256})
     counts = MetricRecord({"n-train": n_train, "n-val": n_val, "n-test": n_test})
     return Message(RecordDict({R.INFO: info, R.METRICS: counts}), reply_to=msg)
 
@@ -168,42 +174,64 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
 
 
-@app.query(R.ACTION_THRESHOLD)
-@_guarded("threshold-stats")
-def threshold_stats(msg: Message, context: Context) -> Message:
-    """Class-wise probability histograms on the agreed grid (for the pooled Youden threshold)."""
+def _grid(context: Context) -> ScoreGrid:
+    return ScoreGrid(int(_num(context.run_config, "histogram-bins")))
+
+
+@app.query(R.ACTION_VALIDATION)
+@_guarded("validation-sums")
+def validation_pass1(msg: Message, context: Context) -> Message:
+    """Pass 1: class-wise histograms and calibration sums of the val split on the agreed grid,
+    and the site's own AUC (for the pooled threshold, calibration and AUC)."""
     site = resolve_site(context)
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
     rc = context.run_config
-    model = _model(msg, context)
     split = str(rc["threshold-split"])
     splits = ("train", "val") if split == "all" else (split,)
-    pos, neg = threshold_histograms(
-        model, _load(site, context, splits), int(_num(rc, "histogram-bins")), str(rc["device"])
-    )
-    return Message(
-        RecordDict({R.METRICS: MetricRecord({"pos": pos, "neg": neg})}), reply_to=msg
-    )
+    sums = validation_sums(_model(msg, context), _load(site, context, splits), _grid(context),
+                           str(rc["device"]))
+    auc_lo, auc_hi = sums["auc_ci"] or (math.nan, math.nan)
+    metrics = MetricRecord({
+        "pos": sums["pos"].tolist(), "neg": sums["neg"].tolist(),
+        "calibration": sums["calibration"].ravel().tolist(),
+        "n": sums["n"], "n-pos": sums["n_pos"], "loss": sums["loss"],
+        "auc": math.nan if sums["auc"] is None else sums["auc"],
+        "auc-lower": auc_lo, "auc-upper": auc_hi,
+    })
+    return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
+
+
+@app.query(R.ACTION_PLACEMENTS)
+@_guarded("validation-placements")
+def validation_pass2(msg: Message, context: Context) -> Message:
+    """Pass 2: placement-value sums of the site's own patients against the pooled histograms."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: it takes no part in validation")
+    rc = context.run_config
+    split = str(rc["threshold-split"])
+    splits = ("train", "val") if split == "all" else (split,)
+    pooled = cast(MetricRecord, msg.content[R.METRICS])
+    hist = (np.asarray(pooled["pos"], dtype=np.float64),
+            np.asarray(pooled["neg"], dtype=np.float64))
+    vec = validation_placements(_model(msg, context), _load(site, context, splits), hist,
+                                _grid(context), str(rc["device"]))
+    return Message(RecordDict({R.METRICS: MetricRecord({"sums": vec.tolist()})}), reply_to=msg)
 
 
 @app.query(R.ACTION_EXTERNAL)
 @_guarded("external-eval")
 def external_eval(msg: Message, context: Context) -> Message:
-    """Evaluate the final model on the external cohort; only summary statistics are returned."""
+    """Evaluate the final model on the external cohort; only aggregate statistics return."""
     site = resolve_site(context)
     if site.role != R.ROLE_EXTERNAL:
         raise PermissionError(f"site {site.name} is a training site, not the external site")
     model = _model(msg, context)
     threshold = _num(msg.content[R.CONFIG], "threshold")
-    stats = external_statistics(
-        model, _load(site, context, ("test",)), threshold, str(context.run_config["device"])
-    )
-    lower, upper = stats.pop("auc_ci")
-    stats.update(auc_lower=lower, auc_upper=upper)
+    data = _load(site, context, ("test",))
+    report = external_report(model, data, threshold, data.survival,
+                             str(context.run_config["device"]))
     return Message(
-        RecordDict({R.METRICS: MetricRecord(
-            {k: float(stats[k]) for k in R.EXTERNAL_NUMERIC_KEYS}
-        )}),
-        reply_to=msg,
+        RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(report)})}), reply_to=msg
     )

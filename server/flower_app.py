@@ -15,12 +15,22 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from hcc_fl.server.strategy import build_strategy
 from hcc_fl.shared import records as R
-from hcc_fl.shared.metrics import youden_from_histograms
+from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
+from hcc_fl.shared.jsonio import write_json
+from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 from hcc_fl.shared.version import code_version
 
@@ -32,13 +42,13 @@ class FederationError(RuntimeError):
     """The federation cannot go on (sites missing, every round failed, ...)."""
 
 
-def _query(grid: Grid, node_ids: list[int], action: str, content: RecordDict,
+def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
            timeout: float) -> list[Message]:
     messages = [
         Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n)
         for n in node_ids
     ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    return list(grid_.send_and_receive(messages, timeout=timeout))
 
 
 def discover_sites(
@@ -78,24 +88,8 @@ def discover_sites(
         time.sleep(1.0)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
-
-
-def _nan_to_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
-
-
 @app.main()
-def main(grid: Grid, context: Context) -> None:
+def main(grid_: Grid, context: Context) -> None:
     """Run one federated arm (FedAvg or FedProx) and write its result into the run directory."""
     rc = context.run_config
     cfg = json.loads(Path(str(rc["config-path"])).read_text())
@@ -107,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
     training = list(fed["training_sites"])
     external = fed.get("external_site")
 
-    sites = discover_sites(grid, training, external, float(fed["discovery_timeout_s"]))
+    sites = discover_sites(grid_, training, external, float(fed["discovery_timeout_s"]))
     names = {nid: str(v["site"]) for nid, v in sites.items()}
     train_nodes = [nid for nid, v in sites.items() if v["site"] in training]
     ext_nodes = [nid for nid, v in sites.items() if v["site"] == external]
@@ -130,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
     })
     t0 = time.monotonic()
     result = strategy.start(
-        grid=grid,
+        grid=grid_,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=int(fed["rounds"]),
         timeout=float(fed["round_timeout_s"]),
@@ -143,53 +137,65 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays
     model.load_state_dict(final.to_torch_state_dict())
 
-    # Pooled Youden threshold from summed class-wise histograms of the training sites.
+    # Pooled validation at the training sites (two passes of summed sufficient statistics):
+    # pass 1 histograms -> Youden threshold, calibration; pass 2 placements -> AUC with CI.
+    grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
+    timeout = float(fed["round_timeout_s"])
     content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord()})
-    replies = _query(grid, train_nodes, R.ACTION_THRESHOLD, content, float(fed["round_timeout_s"]))
-    pos = neg = None
-    for reply in replies:
+    pass1: dict[str, dict[str, Any]] = {}
+    for reply in _query(grid_=grid_, node_ids=train_nodes, action=R.ACTION_VALIDATION,
+                        content=content, timeout=timeout):
+        site = names.get(reply.metadata.src_node_id, "?")
         if reply.has_error():
-            log.warning("threshold statistics failed at %s: %s",
-                        names.get(reply.metadata.src_node_id), reply.error.reason)
+            log.warning("validation statistics failed at %s: %s", site, reply.error.reason)
             continue
         m = reply.content[R.METRICS]
-        p = np.asarray(m["pos"], dtype=np.float64)
-        q = np.asarray(m["neg"], dtype=np.float64)
-        pos = p if pos is None else pos + p
-        neg = q if neg is None else neg + q
-    if pos is None or neg is None:
-        raise FederationError(f"{arm}: no training site returned threshold statistics")
-    threshold = youden_from_histograms(pos, neg)
+        auc = float(cast(Any, m["auc"]))
+        pass1[site] = {
+            "pos": m["pos"], "neg": m["neg"], "calibration": m["calibration"],
+            "n": int(cast(Any, m["n"])), "n_pos": int(cast(Any, m["n-pos"])),
+            "loss": float(cast(Any, m["loss"])),
+            "auc": auc if np.isfinite(auc) else None,
+            "auc_ci": ([float(cast(Any, m["auc-lower"])), float(cast(Any, m["auc-upper"]))]
+                       if np.isfinite(auc) else None),
+        }
+    if not pass1:
+        raise FederationError(f"{arm}: no training site returned validation statistics")
+    threshold, (pos, neg), validation = combine_pass1(pass1, grid)
+    content = RecordDict({R.ARRAYS: final, R.METRICS: MetricRecord(
+        {"pos": pos.tolist(), "neg": neg.tolist()})})
+    vectors = []
+    for reply in _query(grid_=grid_, node_ids=[n for n in train_nodes if names[n] in pass1],
+                        action=R.ACTION_PLACEMENTS, content=content, timeout=timeout):
+        if reply.has_error():
+            log.warning("validation placements failed at %s: %s",
+                        names.get(reply.metadata.src_node_id), reply.error.reason)
+            continue
+        vectors.append(np.asarray(reply.content[R.METRICS]["sums"], dtype=np.float64))
+    if vectors:
+        validation = finish_pass2(validation, vectors)
 
     external_stats: dict[str, Any] | None = None
     if ext_nodes:
         content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord({"threshold": threshold})})
-        reply = _query(grid, ext_nodes, R.ACTION_EXTERNAL, content,
-                       float(fed["round_timeout_s"]))[0]
+        reply = _query(grid_=grid_, node_ids=ext_nodes, action=R.ACTION_EXTERNAL,
+                       content=content, timeout=timeout)[0]
         if reply.has_error():
             raise FederationError(f"{arm}: external evaluation failed: {reply.error.reason}")
-        stats = {k: float(v) for k, v in reply.content[R.METRICS].items()}  # type: ignore[arg-type]
-        external_stats = _nan_to_none({
-            "auc": stats["auc"],
-            "auc_ci": [stats["auc_lower"], stats["auc_upper"]],
-            **{k: stats[k] for k in ("threshold", "sensitivity", "specificity", "accuracy",
-                                     "ppv", "npv", "loss", "auc_variance")},
-            **{k: int(stats[k]) for k in ("n", "n_pos", "tp", "fp", "tn", "fn")},
-        })
-        if external_stats["auc_ci"][0] is None or not np.isfinite(stats["auc_lower"]):
-            external_stats["auc_ci"] = None
+        external_stats = json.loads(str(reply.content[R.INFO][R.REPORT]))
 
     torch.save(model.state_dict(), arm_dir / "model.pt")
-    _write_json(arm_dir / "result.json", {
+    write_json(arm_dir / "result.json", {
         "arm": arm,
         "strategy": arm_cfg,
         "code_version": mine,
         "train_seconds": train_seconds,
         "threshold": threshold,
-        "threshold_counts": {"cases": int(pos.sum()), "controls": int(neg.sum())},
+        "validation": validation,
         "external": external_stats,
         "sites": [
             {"site": v["site"], "role": v["role"], "code_version": v["code-version"],
+             "manifest_sha256": v["manifest-sha256"],
              "n_train": v["n-train"], "n_val": v["n-val"], "n_test": v["n-test"]}
             for v in sites.values()
         ],

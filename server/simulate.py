@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from hcc_fl.server.config import ConfigError, to_yaml
 from hcc_fl.server.flower_runtime import flwr_run, simulation_superlink, write_app_bundle
 from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.jsonio import clean, write_json
 from hcc_fl.shared.tasks import get_task
 from hcc_fl.shared.version import code_version
 
@@ -32,19 +32,10 @@ SUMMARY_KEYS = ("auc", "auc_ci", "threshold", "sensitivity", "specificity", "acc
                 "npv", "n", "n_pos", "tp", "fp", "tn", "fn")
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
-    out = {k: stats.get(k) for k in SUMMARY_KEYS}
-    return _clean(out)  # type: ignore[no-any-return]
+    """Headline keys first, then the detailed blocks (calibration, curves, survival)."""
+    head = {k: stats.get(k) for k in SUMMARY_KEYS}
+    return clean({**head, **{k: v for k, v in stats.items() if k not in head}})  # type: ignore[no-any-return]
 
 
 def load_index(data_root: Path) -> dict[str, Any]:
@@ -99,6 +90,31 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "threshold-split": cfg["evaluation"]["threshold_split"],
         "seed": int(cfg["seed"]),
     }
+
+
+def _compare_arms(
+    cfg: dict[str, Any], data_root: Path, index: dict[str, Any], models: Path, arms: list[str]
+) -> list[dict[str, Any]]:
+    """Paired DeLong tests between all arms on the external patients.
+
+    Runs the external site's own comparison code (``client.statistics.external_comparisons``)
+    on the external cohort. In simulation the external data are on this machine, so it runs
+    in-process; only the resulting statistics enter ``metrics.json``.
+    """
+    from hcc_fl.client.data import load_site
+    from hcc_fl.client.statistics import external_comparisons
+    from hcc_fl.client.train import predict
+    from hcc_fl.shared.models import build_model
+
+    task, profile = cfg["task"]["name"], cfg["model"]["profile"]
+    ext = cfg["federation"]["external_site"]
+    data = load_site(data_root / index["sites"][ext]["manifest"], task, profile, ("test",))
+    probs = {}
+    for arm in arms:
+        model = build_model(task, profile)
+        model.load_state_dict(torch.load(models / f"{arm.replace(':', '-')}.pt"))
+        probs[arm] = predict(model, data, cfg["device"])
+    return external_comparisons(probs, data.label.numpy().astype("float64"))
 
 
 def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
@@ -192,16 +208,20 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
     history: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     sites: list[dict[str, Any]] = []
+    validation: dict[str, Any] = {}
     for arm, res in arm_results.items():
         external[arm] = _summary(res["external"])
+        validation[arm] = res["validation"]
         history.extend(res["history"])
         rejections.extend(res["rejections"])
         sites = res["sites"]
         shutil.move(str(work / "arms" / arm / "model.pt"), models / f"{arm}.pt")
     for b in baselines:
         external[b.name] = _summary(b.external)
+        validation[b.name] = b.validation
         history.extend(b.history)
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
+    comparisons = _compare_arms(cfg, data_root, index, models, list(external))
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:
@@ -220,15 +240,20 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
             f"{cfg['evaluation']['histogram_bins']}-bin probability grid"
         ),
         "external": external,
+        "comparisons": comparisons,
+        "validation": validation,
         "sites": sites,
         "rejected_replies": rejections,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
-    (work / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2, allow_nan=False)
-                                       + "\n")
+    write_json(work / "metrics.json", metrics)
     with (work / "history.jsonl").open("w") as fh:
         for line in history:
-            fh.write(json.dumps(_clean(line), allow_nan=False) + "\n")
+            fh.write(json.dumps(clean(line), allow_nan=False) + "\n")
+    if cfg.get("report", True):
+        from hcc_fl.server.report import write_report
+
+        write_report(work)
     shutil.rmtree(work / "app", ignore_errors=True)
     if final.exists():
         backup = runs_dir / f".{name}.old"

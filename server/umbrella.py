@@ -1,4 +1,4 @@
-"""``hcc-fl``: the umbrella command (``synth``, ``simulate``)."""
+"""``hcc-fl``: the umbrella command (``synth``, ``simulate``, ``report``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ examples:
   hcc-fl simulate data_root=data/phantom run_name=demo
   hcc-fl simulate strategy=fedprox federation.rounds=5 baselines.local=false
   hcc-fl simulate --cfg            # print the composed configuration and exit
+  hcc-fl report runs/demo-ki67_ceus
 
 configuration groups (pick with group=option): task={ki67_ceus} model={tiny,full}
   strategy={fedavg_fedprox,fedavg,fedprox} federation={phantom}
@@ -76,6 +77,25 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from hcc_fl.server.report import write_report
+
+    run_dir = Path(args.run_dir)
+    missing = [n for n in ("metrics.json", "config.json") if not (run_dir / n).is_file()]
+    if missing:
+        print(f"error: {run_dir} is not a run directory (missing {', '.join(missing)})",
+              file=sys.stderr)
+        return 2
+    try:
+        path = write_report(run_dir, Path(args.out) if args.out else None)
+    except (json.JSONDecodeError, KeyError) as exc:
+        print(f"error: {run_dir / 'metrics.json'} cannot be read as a run's metrics ({exc})",
+              file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hcc-fl`` argument parser."""
     p = argparse.ArgumentParser(
@@ -115,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_simulate)
+
+    r = sub.add_parser(
+        "report", help="write the self-contained HTML study report of a run directory",
+        description="Write report.html (plots embedded, no network access) from a run "
+        "directory: external-site ROC, calibration and decision curves, comparison tables with "
+        "DeLong p-values, Kaplan-Meier curves by risk group, per-site and pooled validation, "
+        "training curves and a model card. `simulate` writes it automatically.",
+    )
+    r.add_argument("run_dir", help="a run directory written by `hcc-fl simulate`")
+    r.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    r.set_defaults(func=_report)
     return p
 
 

@@ -12,13 +12,10 @@ INFO = "info"
 NUM_EXAMPLES = "num-examples"
 
 ACTION_SITE_INFO = "site_info"
-ACTION_THRESHOLD = "threshold_stats"
+ACTION_VALIDATION = "validation_sums"
+ACTION_PLACEMENTS = "validation_placements"
 ACTION_EXTERNAL = "external_eval"
 
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
-
-EXTERNAL_NUMERIC_KEYS = (
-    "n", "n_pos", "auc", "auc_lower", "auc_upper", "auc_variance", "threshold", "sensitivity",
-    "specificity", "accuracy", "ppv", "npv", "tp", "fp", "tn", "fn", "loss",
-)
+REPORT = "report"  # ConfigRecord key holding a JSON document of aggregate statistics

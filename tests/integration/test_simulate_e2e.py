@@ -30,6 +30,7 @@ def demo_run(demo_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.slow
 def test_run_directory(demo_run: Path) -> None:
     for name in ("config.yaml", "config.json", "history.jsonl", "metrics.json", "model.pt",
+                 "report.html",
                  "logs/superlink.log", "logs/flower-fedavg.log", "models/fedprox.pt",
                  "models/centralized.pt"):
         assert (demo_run / name).is_file(), name
@@ -51,6 +52,20 @@ def test_metrics_schema_and_external_auc(demo_run: Path) -> None:
     # The phantom's external oracle AUC is ~0.85; a trained model must clearly beat chance.
     for arm in ("fedavg", "fedprox"):
         assert m["external"][arm]["auc"] >= 0.65, (arm, m["external"][arm])
+    # statistics issue: validation pooled from site sums, comparisons, detailed external blocks
+    for arm in ARMS:
+        v = m["validation"][arm]
+        assert v["pooled"]["threshold"] == pytest.approx(m["external"][arm]["threshold"])
+        lo, hi = v["pooled"]["auc_ci"]
+        assert lo <= v["pooled"]["auc"] <= hi
+        e = m["external"][arm]
+        assert {"calibration", "net_benefit", "roc", "survival"} <= set(e)
+        assert set(e["survival"]) == {"pfs", "ihr", "rfs"}
+    assert set(m["validation"]["fedavg"]["per_site"]) == {"site_A", "site_B", "site_C"}
+    assert len(m["comparisons"]) == len(ARMS) * (len(ARMS) - 1) // 2
+    pair = next(c for c in m["comparisons"] if c["a"] == "fedavg" and c["b"] == "centralized")
+    assert pair["auc_a"] == pytest.approx(m["external"]["fedavg"]["auc"], abs=1e-12)
+    assert 0 <= pair["p_value"] <= 1
     roles = {s["site"]: s["role"] for s in m["sites"]}
     assert roles == {"site_A": "train", "site_B": "train", "site_C": "train",
                      "site_EXT": "external"}

@@ -1,0 +1,176 @@
+"""Site-side statistics of a model on a site's own patients.
+
+Everything returned here is aggregate: sums on agreed grids, summary statistics, curve
+coordinates. No function returns a per-patient score, time or identifier.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from torch import nn
+
+from hcc_fl.client.data import SiteData
+from hcc_fl.client.train import bce_loss, predict
+from hcc_fl.shared.metrics import (
+    auc_ci,
+    binary_metrics,
+    calibration,
+    delong_test,
+    hosmer_lemeshow,
+    logrank,
+    net_benefit,
+)
+from hcc_fl.shared.metrics.pooled import (
+    ScoreGrid,
+    site_calibration_sums,
+    site_histograms,
+    site_placement_sums,
+)
+
+F64 = npt.NDArray[np.float64]
+NB_THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.05, 0.96, 0.05))
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, float) and math.isfinite(x) else None
+
+
+def validation_sums(model: nn.Module, data: SiteData, grid: ScoreGrid, device: str = "cpu"
+                    ) -> dict[str, Any]:
+    """Pass 1 at a training site: class-wise histograms and calibration sums of the val split,
+    plus the site's own AUC with DeLong CI (a per-site summary)."""
+    prob = predict(model, data, device)
+    y = data.label.numpy().astype(np.float64)
+    pos, neg = site_histograms(y, prob, grid)
+    out: dict[str, Any] = {
+        "pos": pos, "neg": neg, "calibration": site_calibration_sums(y, prob),
+        "n": len(y), "n_pos": int(y.sum()), "loss": bce_loss(prob, y),
+        "auc": None, "auc_ci": None,
+    }
+    if 0 < y.sum() < len(y):
+        r = auc_ci(y, prob)
+        out.update(auc=r.auc, auc_ci=[r.lower, r.upper])
+    return out
+
+
+def validation_placements(
+    model: nn.Module, data: SiteData, pooled: tuple[F64, F64], grid: ScoreGrid,
+    device: str = "cpu",
+) -> F64:
+    """Pass 2 at a training site: placement-value sums against the pooled histograms,
+    flattened as [case sums (6), control sums (6)]."""
+    prob = predict(model, data, device)
+    s = site_placement_sums(data.label.numpy(), prob, pooled, grid)
+    return np.concatenate([s.case, s.control])
+
+
+def _roc_points(y: F64, p: F64) -> dict[str, list[float]]:
+    """The empirical ROC curve: (FPR, TPR) at every distinct score, no scores themselves."""
+    thr = np.unique(p)[::-1]
+    tpr = [float(np.mean(p[y == 1] >= t)) for t in thr]
+    fpr = [float(np.mean(p[y == 0] >= t)) for t in thr]
+    return {"fpr": [0.0, *fpr], "tpr": [0.0, *tpr]}
+
+
+def _km_steps(time: F64, event: F64) -> dict[str, list[float]]:
+    """Kaplan-Meier step coordinates (event times and survival), aggregate by construction."""
+    from hcc_fl.shared.metrics import kaplan_meier
+
+    km = kaplan_meier(time, event)
+    return {"t": list(km.times), "s": list(km.survival), "lo": list(km.lower),
+            "hi": list(km.upper), "n_at_risk": list(km.at_risk)}
+
+
+def external_report(
+    model: nn.Module,
+    data: SiteData,
+    threshold: float,
+    survival: dict[str, tuple[F64, F64]] | None = None,
+    device: str = "cpu",
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """The external site's full statistics for one model, computed where the patients are.
+
+    AUC with DeLong CI; at the training Youden ``threshold`` sensitivity, specificity, accuracy,
+    PPV and NPV with percentile-bootstrap CIs (as the Ki-67 seed reports); calibration (slope,
+    calibration-in-the-large, Brier, binned curve, Hosmer-Lemeshow); net benefit; ROC curve
+    coordinates; and, for each survival endpoint given, Kaplan-Meier curves of the high- and
+    low-score groups at the threshold with the log-rank test.
+    """
+    prob = predict(model, data, device)
+    y = data.label.numpy().astype(np.float64)
+    out: dict[str, Any] = {"n": int(len(y)), "n_pos": int(y.sum()), "threshold": threshold,
+                           "loss": bce_loss(prob, y)}
+    both = 0 < y.sum() < len(y)
+    if both:
+        r = auc_ci(y, prob)
+        out.update(auc=r.auc, auc_ci=[r.lower, r.upper], auc_variance=r.variance)
+    else:
+        out.update(auc=None, auc_ci=None, auc_variance=None)
+    bm = binary_metrics(y, prob, threshold, ci="bootstrap", n_boot=n_boot, seed=0)
+    for k in ("sensitivity", "specificity", "accuracy", "ppv", "npv"):
+        out[k] = _finite(getattr(bm, k))
+        lo, hi = bm.ci.get(k, (math.nan, math.nan))
+        out[f"{k}_ci"] = [_finite(lo), _finite(hi)] if _finite(lo) is not None else None
+    out.update(tp=bm.tp, fp=bm.fp, tn=bm.tn, fn=bm.fn)
+    if both:
+        cal = calibration(y, prob)
+        cal_block: dict[str, Any] = {
+            "slope": cal.slope, "intercept_in_the_large": cal.intercept_in_the_large,
+            "brier": cal.brier, "scaled_brier": cal.scaled_brier,
+            "bins": [list(b) for b in cal.bins],
+        }
+        try:
+            hl = hosmer_lemeshow(y, prob, groups=min(10, max(3, len(y) // 5)))
+            cal_block["hosmer_lemeshow"] = {"statistic": hl.statistic, "df": hl.df,
+                                            "p_value": hl.p_value}
+        except ValueError:
+            cal_block["hosmer_lemeshow"] = None
+        out["calibration"] = cal_block
+        nb = net_benefit(y, prob, NB_THRESHOLDS)
+        out["net_benefit"] = {"thresholds": list(nb.thresholds), "model": list(nb.model),
+                              "treat_all": list(nb.treat_all)}
+        out["roc"] = _roc_points(y, prob)
+    high = prob >= threshold
+    out["survival"] = {}
+    for name, (t, e) in (survival or {}).items():
+        block: dict[str, Any] = {"n_high": int(high.sum()), "n_low": int((~high).sum())}
+        if high.any() and (~high).any():
+            lr = logrank(t, e, high.astype(int))
+            block.update(statistic=lr.statistic, p_value=lr.p_value,
+                         high=_km_steps(t[high], e[high]), low=_km_steps(t[~high], e[~high]))
+        out["survival"][name] = block
+    return out
+
+
+def external_comparisons(
+    probs: dict[str, F64], y: F64
+) -> list[dict[str, Any]]:
+    """Paired DeLong tests between every pair of models on the same external patients."""
+    names = list(probs)
+    out: list[dict[str, Any]] = []
+    if not 1 < y.sum() < len(y) - 1:
+        return out
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            t = delong_test(y, probs[a], probs[b])
+            out.append({"a": a, "b": b, "auc_a": t.auc_a, "auc_b": t.auc_b, "z": _finite(t.z),
+                        "p_value": t.p_value, "ci_diff": list(t.ci_diff)})
+    return out
+
+
+def pooled_validation(
+    model: nn.Module, parts: dict[str, SiteData], grid: ScoreGrid, device: str = "cpu"
+) -> tuple[float, dict[str, Any]]:
+    """The federated two-pass validation run in one process (for the baselines): the same site
+    sums, combined by the same coordinator code as under Flower."""
+    from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
+
+    pass1 = {s: validation_sums(model, d, grid, device) for s, d in parts.items()}
+    threshold, hist, block = combine_pass1(pass1, grid)
+    vectors = [validation_placements(model, d, hist, grid, device) for d in parts.values()]
+    return threshold, finish_pass2(block, vectors)

@@ -1,0 +1,302 @@
+"""``hcc-fl report RUN_DIR``: a self-contained ``report.html`` (plots embedded, no network).
+
+Reads only the run directory (``metrics.json``, ``history.jsonl``, ``config.json``): aggregate
+statistics, never patient-level data.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from hcc_fl.shared.tasks import TASKS  # noqa: E402
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1100px;color:#1d2733;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:0}
+h2{border-bottom:2px solid #d8dee6;padding-bottom:4px;margin-top:32px}
+.sub{color:#5a6878;margin-top:4px}table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}
+th,td{border:1px solid #d8dee6;padding:4px 8px;text-align:right}th{background:#eef2f6}
+td:first-child,th:first-child{text-align:left}figure{margin:8px 0 20px}
+figcaption{color:#5a6878;font-size:0.85em}img{max-width:100%}.note{color:#5a6878;font-size:0.85em}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+"""
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(src: str, caption: str) -> str:
+    return (f'<figure><img class="plot" alt="{html.escape(caption)}" src="{src}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return html.escape(str(x))
+
+
+def _ci(v: Any, ci: Any) -> str:
+    if v is None:
+        return "n/a"
+    if not ci or None in ci:
+        return _f(v)
+    return f"{_f(v)} ({_f(ci[0])} to {_f(ci[1])})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ----------------------------------------------------------------------------- plots
+def _roc_plot(ext: dict[str, Any]) -> str | None:
+    arms = [(a, e) for a, e in ext.items() if e.get("roc")]
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for i, (arm, e) in enumerate(arms):
+        ax.plot(e["roc"]["fpr"], e["roc"]["tpr"], color=COLOURS[i % 8],
+                label=f"{arm}  AUC {_f(e['auc'])}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, external site",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def _calibration_plot(ext: dict[str, Any]) -> str | None:
+    arms = [(a, e) for a, e in ext.items() if e.get("calibration")]
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for i, (arm, e) in enumerate(arms):
+        bins = e["calibration"]["bins"]
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", color=COLOURS[i % 8],
+                label=f"{arm}  slope {_f(e['calibration']['slope'], 2)}", markersize=4)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="mean predicted probability", ylabel="observed proportion",
+           title="Calibration, external site (quantile bins)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _decision_plot(ext: dict[str, Any]) -> str | None:
+    arms = [(a, e) for a, e in ext.items() if e.get("net_benefit")]
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    nb0 = arms[0][1]["net_benefit"]
+    for i, (arm, e) in enumerate(arms):
+        ax.plot(e["net_benefit"]["thresholds"], e["net_benefit"]["model"], color=COLOURS[i % 8],
+                label=arm)
+    ax.plot(nb0["thresholds"], nb0["treat_all"], "--", color="black", label="treat all")
+    ax.axhline(0, color="grey", lw=1, label="treat none")
+    top = max(max(e["net_benefit"]["model"]) for _, e in arms)
+    ax.set(xlabel="threshold probability", ylabel="net benefit",
+           title="Decision curves, external site", ylim=(-0.1, max(0.1, top * 1.2)))
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _km_plot(arm: str, endpoint: str, block: dict[str, Any]) -> str | None:
+    if "high" not in block:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    for key, colour, label in (("high", "#d62728", "high score"), ("low", "#1f77b4", "low score")):
+        c = block[key]
+        t = [0.0, *c["t"]]
+        s = [1.0, *c["s"]]
+        ax.step(t, s, where="post", color=colour,
+                label=f"{label} (n={block['n_' + key]})")
+        ax.fill_between(t, [1.0, *c["lo"]], [1.0, *c["hi"]], step="post", color=colour,
+                        alpha=0.12)
+    ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02),
+           title=f"{endpoint.upper()} by {arm} score, log-rank p = {block['p_value']:.3g}")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _training_plot(history: list[dict[str, Any]]) -> str | None:
+    arms = list(dict.fromkeys(h["arm"] for h in history))
+    if not arms:
+        return None
+    fig, axes = plt.subplots(len(arms), 2, figsize=(10, 2.4 * len(arms)), squeeze=False)
+    for r, arm in enumerate(arms):
+        rows = [h for h in history if h["arm"] == arm]
+        sites = sorted({h["site"] for h in rows})
+        for i, site in enumerate(sites):
+            tr = [(h["round"], h["train_loss"]) for h in rows
+                  if h["site"] == site and h["phase"] == "train"]
+            va = [(h["round"], h["val_auc"]) for h in rows
+                  if h["site"] == site and h["phase"] == "validate" and h["val_auc"] is not None]
+            if tr:
+                axes[r][0].plot(*zip(*tr, strict=True), "o-", ms=3, color=COLOURS[i % 8],
+                                label=site)
+            if va:
+                axes[r][1].plot(*zip(*va, strict=True), "o-", ms=3, color=COLOURS[i % 8],
+                                label=site)
+        unit = "epoch" if arm in ("centralized",) or arm.startswith("local:") else "round"
+        axes[r][0].set(title=f"{arm}: training loss", xlabel=unit)
+        axes[r][1].set(title=f"{arm}: validation AUC per site", xlabel=unit, ylim=(0, 1))
+        axes[r][0].legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- page
+def build_report(run_dir: Path) -> str:
+    """Render the report of ``run_dir`` as one HTML string."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    hist_path = run_dir / "history.jsonl"
+    history = ([json.loads(x) for x in hist_path.read_text().splitlines() if x.strip()]
+               if hist_path.exists() else [])
+    ext: dict[str, Any] = metrics.get("external", {})
+    task = TASKS.get(metrics["task"])
+    parts: list[str] = [
+        f"<h1>hcc-fl study report: {html.escape(metrics['task'])}</h1>",
+        f'<p class="sub">run {html.escape(metrics["run_name"])} &middot; '
+        f'{html.escape(metrics.get("created", ""))} &middot; hcc-fl '
+        f'{html.escape(metrics.get("code_version", ""))}</p>',
+    ]
+    first: dict[str, Any] = next(iter(ext.values()), {})
+    parts.append("<h2>External site</h2>")
+    parts.append(
+        f"<p>{html.escape(str(metrics['external_site']))}: n = {first.get('n')}, "
+        f"{first.get('n_pos')} cases. {html.escape(metrics.get('threshold_rule', ''))}. "
+        "AUC with DeLong 95 % CI; sensitivity, specificity and accuracy with percentile-"
+        "bootstrap 95 % CIs.</p>"
+    )
+    rows = []
+    for arm, e in ext.items():
+        cal = e.get("calibration") or {}
+        rows.append([
+            html.escape(arm), _ci(e.get("auc"), e.get("auc_ci")), _f(e.get("threshold")),
+            _ci(e.get("sensitivity"), e.get("sensitivity_ci")),
+            _ci(e.get("specificity"), e.get("specificity_ci")),
+            _ci(e.get("accuracy"), e.get("accuracy_ci")), _f(e.get("ppv")), _f(e.get("npv")),
+            _f(cal.get("brier")), _f(cal.get("slope"), 2),
+        ])
+    parts.append(_table(["arm", "AUC (95% CI)", "threshold", "sensitivity", "specificity",
+                         "accuracy", "PPV", "NPV", "Brier", "cal. slope"], rows))
+    plots = [p for p in (_roc_plot(ext), _calibration_plot(ext), _decision_plot(ext)) if p]
+    captions = ["ROC curves of every arm on the external site",
+                "Calibration of every arm on the external site",
+                "Decision curves (net benefit) on the external site"]
+    parts.append('<div class="grid">' + "".join(
+        _figure(p, c) for p, c in zip(plots, captions, strict=False)) + "</div>")
+
+    comps = metrics.get("comparisons") or []
+    if comps:
+        parts.append("<h2>Baseline comparison (paired DeLong tests, external site)</h2>")
+        parts.append(_table(
+            ["model A", "model B", "AUC A", "AUC B", "difference (95% CI)", "z", "p"],
+            [[html.escape(c["a"]), html.escape(c["b"]), _f(c["auc_a"]), _f(c["auc_b"]),
+              _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")), _f(c["z"], 2),
+              _f(c["p_value"], 4)] for c in comps]))
+
+    surv_rows, surv_plots = [], []
+    primary = metrics.get("model", {}).get("arm")
+    for arm, e in ext.items():
+        for endpoint, block in (e.get("survival") or {}).items():
+            surv_rows.append([html.escape(arm), endpoint.upper(), str(block.get("n_high")),
+                              str(block.get("n_low")), _f(block.get("statistic"), 2),
+                              _f(block.get("p_value"), 4)])
+            if arm == primary:
+                src = _km_plot(arm, endpoint, block)
+                if src:
+                    surv_plots.append(_figure(src, f"Kaplan-Meier {endpoint.upper()}, {arm}"))
+    if surv_rows:
+        parts.append("<h2>Prognosis: survival by risk group (external site)</h2>")
+        parts.append("<p>Patients are split at the training Youden threshold of each arm's "
+                     "score; Kaplan-Meier with 95 % CIs; log-rank test.</p>")
+        parts.append(_table(["arm", "endpoint", "n high", "n low", "log-rank chi2", "p"],
+                            surv_rows))
+        parts.append('<div class="grid">' + "".join(surv_plots) + "</div>")
+
+    val = metrics.get("validation") or {}
+    if val:
+        parts.append("<h2>Training sites: validation (per site and pooled)</h2>")
+        parts.append('<p class="note">Pooled values come from summed sufficient statistics '
+                     "(score histograms, placement sums); no per-patient score left a site.</p>")
+        rows = []
+        for arm, block in val.items():
+            for site, v in block.get("per_site", {}).items():
+                rows.append([html.escape(arm), html.escape(site), _ci(v.get("auc"),
+                             v.get("auc_ci")), str(v.get("n")), str(v.get("n_pos")), "", ""])
+            pooled = block.get("pooled", {})
+            rows.append([html.escape(arm), "<b>pooled</b>",
+                         _ci(pooled.get("auc"), pooled.get("auc_ci")), str(pooled.get("n")),
+                         str(pooled.get("n_pos")), _f(pooled.get("threshold")),
+                         _f(pooled.get("brier"))])
+        parts.append(_table(["arm", "site", "AUC (95% CI)", "n", "cases", "Youden threshold",
+                             "Brier"], rows))
+
+    tp = _training_plot(history)
+    if tp:
+        parts.append("<h2>Training curves</h2>")
+        parts.append(_figure(tp, "Per-round (federated) or per-epoch (baselines) training loss "
+                                 "and validation AUC per site"))
+
+    fed = cfg["federation"]
+    arms_desc = ", ".join(
+        f"{a['name']}" + (f" (mu={a['proximal_mu']})" if a.get("proximal_mu") else "")
+        for a in cfg["strategy"]["arms"])
+    card = [
+        ["task", html.escape(f"{metrics['task']}: {task.description}" if task
+                             else metrics["task"])],
+        ["seed paper", html.escape(task.seed_paper if task else "")],
+        ["model profile", html.escape(cfg["model"]["profile"])],
+        ["federated strategies", html.escape(arms_desc)],
+        ["rounds x local epochs", f"{fed['rounds']} x {fed['local_epochs']}"],
+        ["baselines", html.escape(", ".join(a for a in ext if a not in
+                                            [x["name"] for x in cfg["strategy"]["arms"]]))],
+        ["privacy", "no differential privacy; no secure aggregation (plain FedAvg sums)"],
+        ["seed", str(cfg["seed"])],
+        ["code version", html.escape(metrics.get("code_version", ""))],
+    ]
+    parts.append("<h2>Model card</h2>")
+    parts.append(_table(["", ""], card))
+    parts.append(_table(
+        ["site", "role", "train", "val", "test", "manifest SHA-256"],
+        [[html.escape(s["site"]), html.escape(s["role"]), str(s.get("n_train")),
+          str(s.get("n_val")), str(s.get("n_test")),
+          html.escape(str(s.get("manifest_sha256", ""))[:16])]
+         for s in metrics.get("sites", [])]))
+    script = ("<script>window.addEventListener('load',function(){var ok=0;"
+              "for(var i of document.images){if(i.complete&&i.naturalWidth>0){ok++;}}"
+              "document.body.setAttribute('data-rendered-images',ok);"
+              "document.body.setAttribute('data-images',document.images.length);});</script>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>hcc-fl report {html.escape(metrics['run_name'])}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write ``report.html`` (atomically) into ``run_dir`` or to ``out``; return its path."""
+    target = out or run_dir / "report.html"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(build_report(run_dir), encoding="utf-8")
+    tmp.replace(target)
+    return target
