@@ -88,6 +88,61 @@ def discover_sites(
         time.sleep(1.0)
 
 
+def pooled_validation(
+    grid_: Grid, train_nodes: list[int], names: dict[int, str], final: ArrayRecord,
+    grid: ScoreGrid, timeout: float,
+) -> tuple[float, dict[str, Any]]:
+    """Two passes of summed sufficient statistics over the training sites' validation split.
+
+    Pass 1 (histograms, calibration sums) gives the Youden threshold and calibration; pass 2
+    (placement sums against the broadcast pooled histograms) gives the AUC with its DeLong CI.
+    """
+    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord()})
+    pass1: dict[str, dict[str, Any]] = {}
+    for reply in _query(grid_, train_nodes, R.ACTION_VALIDATION, content, timeout):
+        site = names.get(reply.metadata.src_node_id, "?")
+        if reply.has_error():
+            log.warning("validation statistics failed at %s: %s", site, reply.error.reason)
+            continue
+        m = reply.content[R.METRICS]
+        auc = float(cast(Any, m["auc"]))
+        pass1[site] = {
+            "pos": m["pos"], "neg": m["neg"], "calibration": m["calibration"],
+            "n": int(cast(Any, m["n"])), "n_pos": int(cast(Any, m["n-pos"])),
+            "loss": float(cast(Any, m["loss"])),
+            "auc": auc if np.isfinite(auc) else None,
+            "auc_ci": ([float(cast(Any, m["auc-lower"])), float(cast(Any, m["auc-upper"]))]
+                       if np.isfinite(auc) else None),
+        }
+    if not pass1:
+        raise FederationError("no training site returned validation statistics")
+    threshold, (pos, neg), validation = combine_pass1(pass1, grid)
+    content = RecordDict({R.ARRAYS: final, R.METRICS: MetricRecord(
+        {"pos": pos.tolist(), "neg": neg.tolist()})})
+    vectors = []
+    responders = [n for n in train_nodes if names[n] in pass1]
+    for reply in _query(grid_, responders, R.ACTION_PLACEMENTS, content, timeout):
+        if reply.has_error():
+            log.warning("validation placements failed at %s: %s",
+                        names.get(reply.metadata.src_node_id), reply.error.reason)
+            continue
+        vectors.append(np.asarray(reply.content[R.METRICS]["sums"], dtype=np.float64))
+    if vectors:
+        validation = finish_pass2(validation, vectors)
+    return threshold, validation
+
+
+def external_evaluation(
+    grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float
+) -> dict[str, Any]:
+    """Ask the external site for its aggregate statistics of the final model."""
+    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord({"threshold": threshold})})
+    reply = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)[0]
+    if reply.has_error():
+        raise FederationError(f"external evaluation failed: {reply.error.reason}")
+    return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
+
+
 @app.main()
 def main(grid_: Grid, context: Context) -> None:
     """Run one federated arm (FedAvg or FedProx) and write its result into the run directory."""
@@ -137,52 +192,11 @@ def main(grid_: Grid, context: Context) -> None:
     final = result.arrays
     model.load_state_dict(final.to_torch_state_dict())
 
-    # Pooled validation at the training sites (two passes of summed sufficient statistics):
-    # pass 1 histograms -> Youden threshold, calibration; pass 2 placements -> AUC with CI.
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
     timeout = float(fed["round_timeout_s"])
-    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord()})
-    pass1: dict[str, dict[str, Any]] = {}
-    for reply in _query(grid_=grid_, node_ids=train_nodes, action=R.ACTION_VALIDATION,
-                        content=content, timeout=timeout):
-        site = names.get(reply.metadata.src_node_id, "?")
-        if reply.has_error():
-            log.warning("validation statistics failed at %s: %s", site, reply.error.reason)
-            continue
-        m = reply.content[R.METRICS]
-        auc = float(cast(Any, m["auc"]))
-        pass1[site] = {
-            "pos": m["pos"], "neg": m["neg"], "calibration": m["calibration"],
-            "n": int(cast(Any, m["n"])), "n_pos": int(cast(Any, m["n-pos"])),
-            "loss": float(cast(Any, m["loss"])),
-            "auc": auc if np.isfinite(auc) else None,
-            "auc_ci": ([float(cast(Any, m["auc-lower"])), float(cast(Any, m["auc-upper"]))]
-                       if np.isfinite(auc) else None),
-        }
-    if not pass1:
-        raise FederationError(f"{arm}: no training site returned validation statistics")
-    threshold, (pos, neg), validation = combine_pass1(pass1, grid)
-    content = RecordDict({R.ARRAYS: final, R.METRICS: MetricRecord(
-        {"pos": pos.tolist(), "neg": neg.tolist()})})
-    vectors = []
-    for reply in _query(grid_=grid_, node_ids=[n for n in train_nodes if names[n] in pass1],
-                        action=R.ACTION_PLACEMENTS, content=content, timeout=timeout):
-        if reply.has_error():
-            log.warning("validation placements failed at %s: %s",
-                        names.get(reply.metadata.src_node_id), reply.error.reason)
-            continue
-        vectors.append(np.asarray(reply.content[R.METRICS]["sums"], dtype=np.float64))
-    if vectors:
-        validation = finish_pass2(validation, vectors)
-
-    external_stats: dict[str, Any] | None = None
-    if ext_nodes:
-        content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord({"threshold": threshold})})
-        reply = _query(grid_=grid_, node_ids=ext_nodes, action=R.ACTION_EXTERNAL,
-                       content=content, timeout=timeout)[0]
-        if reply.has_error():
-            raise FederationError(f"{arm}: external evaluation failed: {reply.error.reason}")
-        external_stats = json.loads(str(reply.content[R.INFO][R.REPORT]))
+    threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid, timeout)
+    external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout)
+                      if ext_nodes else None)
 
     torch.save(model.state_dict(), arm_dir / "model.pt")
     write_json(arm_dir / "result.json", {
