@@ -1,8 +1,9 @@
-"""``hcc-fl-client``: site-side commands (``check-data``)."""
+"""``hcc-fl-client``: run a site (``--site-config``) or check its data (``check-data``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -34,6 +35,89 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_site(args: argparse.Namespace) -> int:
+    """Check the site's data, then replace this process with an authenticated SuperNode."""
+    import os
+
+    from hcc_fl.client.manifest import validate_manifest
+    from hcc_fl.client.site_config import load_site_config
+    from hcc_fl.shared.offline import OFFLINE_ENV
+
+    try:
+        cfg = load_site_config(args.site_config, args.role)
+        task = get_task(cfg.task)
+        splits = ("test",) if cfg.role == "external" else ("train",)
+        manifest = validate_manifest(cfg.manifest, task, splits)
+    except DataError as exc:
+        print(f"error: {len(exc.issues)} problem(s); the site does not join:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    print(f"{cfg.site}: data check passed ({len(manifest.rows)} rows, task {task.name}, "
+          f"role {cfg.role}); connecting to {cfg.coordinator}", flush=True)
+    exe = str(Path(sys.executable).parent / "flower-supernode")
+    node_config = (f'manifest="{cfg.manifest}" site="{cfg.site}" role="{cfg.role}" '
+                   f'task="{cfg.task}"')
+    argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
+            "--node-config", node_config]
+    if cfg.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(cfg.ca_certificate),
+                 "--auth-supernode-private-key", str(cfg.private_key)]
+    home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    sys.stdout.flush()
+    return _supervise(argv, env, cfg.site)
+
+
+# Flower prints these when the SuperLink refuses a SuperNode (its exit status is just 1).
+REFUSAL_MARKERS = ("[code: 2004]", "[code: 2001]", "Exit Code: 305")
+REFUSAL_HELP = ("the coordinator refused this site: is its key registered (`hcc-fl certs "
+                "add-site`), and is private_key the key the coordinator has?")
+
+
+def _supervise(argv: list[str], env: dict[str, str], site: str) -> int:
+    """Run the SuperNode in its own process group, pass its output through, forward
+    SIGINT/SIGTERM, and on exit stop the whole group (Flower leaves its SuperExec running after
+    the SuperNode exits)."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    refused = False
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            refused = refused or any(m in line for m in REFUSAL_MARKERS)
+            if proc.poll() is not None:
+                break  # the SuperNode is gone; its SuperExec may still hold the pipe
+        rc = proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if refused:
+        print(f"error: {site}: {REFUSAL_HELP}", file=sys.stderr)
+        return 1
+    if rc not in (0, -signal.SIGTERM, -signal.SIGINT):
+        print(f"error: {site}: the SuperNode exited with code {rc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hcc-fl-client`` argument parser."""
     p = argparse.ArgumentParser(
@@ -42,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         "model updates and aggregate statistics ever leaves the site.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--site-config", metavar="SITE.yaml",
+                   help="run this site: check its data, then join the coordinator as an "
+                   "authenticated Flower SuperNode (see docs/deployment.md for the file)")
+    p.add_argument("--role", choices=("train", "external"),
+                   help="override the role in SITE.yaml; external = evaluation only, refuses "
+                   "every training message")
+    p.add_argument("--state-dir", help="folder for the SuperNode's state (default: next to "
+                   "SITE.yaml)")
+    p.set_defaults(func=_run_site)
+    sub = p.add_subparsers(dest="command", required=False, metavar="COMMAND")
     c = sub.add_parser(
         "check-data", help="validate a site manifest and its DICOM files for a task",
         description="Check a site's manifest.csv for a task: required columns, types, value "
@@ -63,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hcc-fl-client``."""
-    return run_cli(build_parser(), argv)
+    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    known = {"check-data", "-h", "--help"}
+    if not any(a in known for a in args_list) and "--site-config" not in " ".join(args_list):
+        parser.error("give --site-config SITE.yaml to run the site, or a COMMAND")
+    return run_cli(parser, args_list)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ def _model(msg: Message, context: Context) -> torch.nn.Module:
 
 def _load(site: SiteContext, context: Context, splits: tuple[str, ...]) -> SiteData:
     rc = context.run_config
+    approved = context.node_config.get("task")
+    if approved and str(approved) != str(rc["task"]):
+        raise PermissionError(f"site {site.name} is approved for task {approved}; the "
+                              f"coordinator asked for {rc['task']}")
     return load_site(site.manifest, str(rc["task"]), str(rc["profile"]), splits)
 
 

@@ -171,6 +171,7 @@ def main(grid_: Grid, context: Context) -> None:
     model = build_model(cfg["task"]["name"], cfg["model"]["profile"])
     strategy = build_strategy(arm, len(train_nodes), float(arm_cfg.get("proximal_mu", 0.0)))
     strategy.setup_sites(arm, names, train_nodes, int(fed["min_sites"]))  # type: ignore[attr-defined]
+    strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
     train_config = ConfigRecord({
         "local-epochs": int(fed["local_epochs"]),
         "batch-size": int(cfg["model"]["batch_size"]),

@@ -174,19 +174,24 @@ ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 def flwr_run(
     link: SuperLink,
     app_dir: Path,
-    federation_config: dict[str, Any],
+    federation_config: dict[str, Any] | None,
     log_file: Path,
     on_round: Callable[[int, int], None] | None = None,
     timeout_s: float = 3600.0,
 ) -> int:
     """Submit the app to the SuperLink with ``flwr run --stream`` and wait for it to end.
 
+    ``federation_config`` is the simulation's (number of virtual nodes, resources); ``None``
+    submits to the deployment SuperLink, whose nodes are the connected sites.
+
     The streamed log goes to ``log_file``; ``on_round(current, total)`` is called at each
     ``[ROUND i/n]`` line (for a progress bar). Returns the CLI's exit code.
     """
-    fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
-    cmd = [flower_executable("flwr"), "run", str(app_dir), "hccsim", "--stream",
-           "--federation-config", fed]
+    target = "hccsim" if federation_config is not None else "hccdeploy"
+    cmd = [flower_executable("flwr"), "run", str(app_dir), target, "--stream"]
+    if federation_config is not None:
+        fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
+        cmd += ["--federation-config", fed]
     deadline = time.monotonic() + timeout_s
     with log_file.open("a") as out:
         proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE,
@@ -201,3 +206,89 @@ def flwr_run(
                 os.killpg(proc.pid, signal.SIGTERM)
                 break
         return proc.wait()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the coordinator's SuperLink is exposed in deployment mode."""
+
+    pki: Path | None
+    host: str = "127.0.0.1"
+    port: int = 9092
+    insecure: bool = False
+
+
+def _register_sites(link: SuperLink, pki: Path, log_file: Path) -> list[str]:
+    """Register every allow-listed site key with the SuperLink (Flower's control API)."""
+    from hcc_fl.server.certs import allowed_sites
+
+    registered = []
+    for name, pub in allowed_sites(pki).items():
+        out = subprocess.run(
+            [flower_executable("flwr"), "supernode", "register", str(pub), "hccdeploy",
+             "--name", name],
+            env=link.env, capture_output=True, text=True, timeout=120,
+        )
+        with log_file.open("a") as fh:
+            fh.write(out.stdout + out.stderr)
+        if out.returncode != 0 and "already in use" not in out.stdout + out.stderr:
+            raise RuntimeError(f"registering site '{name}' ({pub}) failed; see {log_file}")
+        registered.append(name)
+    return registered
+
+
+@contextlib.contextmanager
+def deployment_superlink(
+    home: Path, deploy: Deployment, database: Path, log_file: Path, startup_s: float = 60.0
+) -> Iterator[SuperLink]:
+    """Start the coordinator's SuperLink (TLS + SuperNode authentication unless insecure),
+    register the allow-listed site keys, and stop everything on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = flower_env(home)
+    cmd = [flower_executable("flower-superlink"), "--isolation", "subprocess",
+           "--host", deploy.host, "--port", str(deploy.port), "--database", str(database),
+           "--disable-runtime-dependency-installation"]
+    conn = f'[superlink.hccdeploy]\naddress = "127.0.0.1:{deploy.port}"\n'
+    if deploy.insecure:
+        cmd.append("--insecure")
+        conn += "insecure = true\n"
+    else:
+        assert deploy.pki is not None
+        pki = deploy.pki.resolve()
+        for f in ("ca/ca.crt", "server/server.crt", "server/server.key"):
+            if not (pki / f).is_file():
+                raise RuntimeError(f"{pki / f} not found: create the PKI with "
+                                   "`hcc-fl certs init --dir ...` (or run with --insecure)")
+        cmd += ["--ssl-ca-certfile", str(pki / "ca/ca.crt"),
+                "--ssl-certfile", str(pki / "server/server.crt"),
+                "--ssl-keyfile", str(pki / "server/server.key"), "--enable-supernode-auth"]
+        conn += f'root-certificates = "{pki / "ca/ca.crt"}"\n'
+    (home / "config.toml").write_text('[superlink]\ndefault = "hccdeploy"\n\n' + conn)
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    link = SuperLink(proc, deploy.port, home, env)
+    try:
+        scheme = "http" if deploy.insecure else "https"
+        verify: bool | str = True if deploy.insecure else str(deploy.pki / "ca/ca.crt")  # type: ignore[operator]
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; "
+                                   f"see {log_file}")
+            try:
+                if httpx.get(f"{scheme}://127.0.0.1:{deploy.port}/health", timeout=1.0,
+                             verify=verify).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start within {startup_s:.0f} s")
+            time.sleep(0.3)
+        if not deploy.insecure:
+            assert deploy.pki is not None
+            names = _register_sites(link, deploy.pki, log_file)
+            log.info("registered site keys: %s", ", ".join(names) or "none")
+        yield link
+    finally:
+        link.stop()

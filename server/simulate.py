@@ -21,7 +21,13 @@ import torch
 from tqdm import tqdm
 
 from hcc_fl.server.config import ConfigError, to_yaml
-from hcc_fl.server.flower_runtime import flwr_run, simulation_superlink, write_app_bundle
+from hcc_fl.server.flower_runtime import (
+    Deployment,
+    deployment_superlink,
+    flwr_run,
+    simulation_superlink,
+    write_app_bundle,
+)
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.jsonio import clean, write_json
 from hcc_fl.shared.tasks import get_task
@@ -76,6 +82,7 @@ def check_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any]) -> 
 def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -> dict[str, Any]:
     fed = cfg["federation"]
     return {
+        "insecure": bool(cfg.get("insecure", False)),
         "arm": arm,
         "arm-dir": str(run_dir / "arms" / arm),
         "config-path": str(run_dir / "config.json"),
@@ -117,8 +124,15 @@ def _compare_arms(
     return external_comparisons(probs, data.label.numpy().astype("float64"))
 
 
-def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
+def run_simulation(
+    cfg: dict[str, Any], quiet: bool = False, deployment: Deployment | None = None
+) -> Path:
     """Run the experiment ``cfg`` and return its run directory.
+
+    With ``deployment`` the arms run on the coordinator's real SuperLink against the sites'
+    SuperNodes (TLS and site keys unless insecure); the coordinator holds no patient data, so
+    the data check, the baselines and the cross-arm comparisons (which need the data) are left
+    to the sites and not run here.
 
     Raises
     ------
@@ -129,8 +143,12 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
         existing run directory.
     """
     data_root = Path(cfg["data_root"]).resolve()
-    index = load_index(data_root)
-    check_sites(cfg, data_root, index)
+    index: dict[str, Any] = {}
+    if deployment is None:
+        index = load_index(data_root)
+        check_sites(cfg, data_root, index)
+    else:
+        cfg = {**cfg, "baselines": {"centralized": False, "local": False}}
     task = cfg["task"]["name"]
     name = cfg.get("run_name") or f"{task}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     runs_dir = Path(cfg["runs_dir"]).resolve()
@@ -154,11 +172,22 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
     arms = [a["name"] for a in cfg["strategy"]["arms"]]
     if arms:
         t0 = time.monotonic()
-        with simulation_superlink(work / ".flwr", work / "logs" / "superlink.log") as link:
+        link_cm = (
+            simulation_superlink(work / ".flwr", work / "logs" / "superlink.log")
+            if deployment is None else
+            deployment_superlink(work / ".flwr", deployment, work / ".flwr" / "link.db",
+                                 work / "logs" / "superlink.log")
+        )
+        with link_cm as link:
+            if deployment is not None:
+                print(f"coordinator ready on {deployment.host}:{deployment.port}", flush=True)
             for arm in arms:
                 t_arm = time.monotonic()
-                app_dir = write_app_bundle(work / "app" / arm, _run_config(cfg, arm, work,
-                                                                          data_root))
+                app_dir = write_app_bundle(
+                    work / "app" / arm,
+                    _run_config({**cfg, "insecure": bool(deployment and deployment.insecure)},
+                                arm, work, data_root),
+                )
                 bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
                            disable=None if not quiet else True, leave=True)
                 last = [0]
@@ -168,11 +197,12 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
                     last[0] = cur - 1
 
                 logf = work / "logs" / f"flower-{arm}.log"
-                flwr_run(link, app_dir, {
+                sim_config = None if deployment is not None else {
                     "num-supernodes": n_nodes,
                     "client-resources-num-cpus": int(max(1, fed["client_cpus"])),
                     "init-args-num-cpus": max(1, int(torch.get_num_threads())),
-                }, logf, on_round=on_round)
+                }
+                flwr_run(link, app_dir, sim_config, logf, on_round=on_round)
                 bar.update(int(fed["rounds"]) - last[0])
                 bar.close()
                 result_path = work / "arms" / arm / "result.json"
@@ -221,7 +251,8 @@ def run_simulation(cfg: dict[str, Any], quiet: bool = False) -> Path:
         validation[b.name] = b.validation
         history.extend(b.history)
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
-    comparisons = _compare_arms(cfg, data_root, index, models, list(external))
+    comparisons = (_compare_arms(cfg, data_root, index, models, list(external))
+                   if deployment is None else [])
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:

@@ -55,10 +55,15 @@ class SiteAwareMixin:
         allowed = set(self.training_nodes)
         return [m for m in messages if m.metadata.dst_node_id in allowed]
 
+    insecure: bool = False
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure training for the training sites only."""
+        if self.insecure:
+            log.warning("round %d runs WITHOUT TLS or site authentication (--insecure): "
+                        "updates travel in clear text", server_round)
         if self._expected is None:
             self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
         return self._only_training(

@@ -1,4 +1,4 @@
-"""``hcc-fl``: the umbrella command (``synth``, ``simulate``, ``report``)."""
+"""``hcc-fl``: the umbrella command (``synth``, ``simulate``, ``report``, ``certs``)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,38 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from hcc_fl.server import certs
+
+    folder = Path(args.dir)
+    if args.action in ("add-site", "revoke-site") and not args.name:
+        print(f"error: `hcc-fl certs {args.action}` needs a site NAME", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "init":
+            certs.init_pki(folder, args.host or ["localhost", "127.0.0.1"], force=args.force)
+            print(f"CA and coordinator certificate written under {folder}")
+            print(f"  give every site: {folder / 'ca' / 'ca.crt'}")
+            print(f"  keep private:    {folder / 'ca' / 'ca.key'}, "
+                  f"{folder / 'server' / 'server.key'}")
+        elif args.action == "add-site":
+            out = certs.add_site(folder, args.name)
+            print(f"site '{args.name}' registered ({folder / 'authorized' / (args.name + '.pub')})")
+            print(f"  hand {out}/ to that site only (its private key {args.name}.key and ca.crt),"
+                  " then delete the private key here")
+        elif args.action == "revoke-site":
+            certs.revoke_site(folder, args.name)
+            print(f"site '{args.name}' revoked: its key is no longer registered at the next "
+                  "coordinator start")
+        else:
+            for name, path in certs.allowed_sites(folder).items():
+                print(f"{name:<20} {path}")
+    except certs.CertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hcc-fl`` argument parser."""
     p = argparse.ArgumentParser(
@@ -146,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a run directory written by `hcc-fl simulate`")
     r.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
     r.set_defaults(func=_report)
+
+    c = sub.add_parser(
+        "certs", help="create the coordinator's CA/TLS certificate and the sites' keys",
+        description="Manage the coordinator's PKI: `init` creates a CA and the coordinator's "
+        "TLS certificate (SANs from --host); `add-site NAME` creates that site's EC P-384 key "
+        "pair and puts its public key on the allow-list without re-issuing anything else; "
+        "`revoke-site NAME` removes it from the allow-list; `list` shows the allowed sites.",
+    )
+    c.add_argument("action", choices=("init", "add-site", "revoke-site", "list"))
+    c.add_argument("name", nargs="?", help="site name (add-site, revoke-site)")
+    c.add_argument("--dir", default="pki", help="PKI folder (default: %(default)s)")
+    c.add_argument("--host", action="append",
+                   help="host name or IP for the certificate's SANs (repeat; default: "
+                   "localhost and 127.0.0.1)")
+    c.add_argument("--force", action="store_true", help="init: replace an existing PKI")
+    c.set_defaults(func=_certs)
     return p
 
 

@@ -62,7 +62,9 @@ def test_client_and_shared_never_import_server() -> None:
 @pytest.mark.parametrize(
     "argv",
     [["hcc-fl", "--help"], ["hcc-fl", "synth", "--help"], ["hcc-fl", "simulate", "--help"],
-     ["hcc-fl-client", "--help"], ["hcc-fl-client", "check-data", "--help"]],
+     ["hcc-fl", "report", "--help"], ["hcc-fl", "certs", "--help"],
+     ["hcc-fl-client", "--help"], ["hcc-fl-client", "check-data", "--help"],
+     ["hcc-fl-server", "--help"]],
     ids=lambda a: " ".join(a),
 )
 def test_help_answers(argv: list[str]) -> None:

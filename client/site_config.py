@@ -1,0 +1,86 @@
+"""A hospital's site configuration (``SITE.yaml``), read and checked at the site.
+
+    site: site_A                        # the name the coordinator registered (hcc-fl certs)
+    role: train                         # train | external (evaluation only)
+    task: ki67_ceus                     # the task this site's data is approved for
+    manifest: /data/export/manifest.csv # the site's manifest (paths inside are relative to it)
+    coordinator: coordinator.example.org:9092
+    ca_certificate: /etc/hcc-fl/ca.crt  # from the coordinator (public)
+    private_key: /etc/hcc-fl/site_A.key # this site's key (private; never leaves the site)
+    insecure: false                     # true only for local tests (no TLS, no site key)
+    runtime_port: 9094                  # local port of the SuperNode's runtime API
+
+Relative paths are resolved against the folder of the YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A validated site configuration."""
+
+    path: Path
+    site: str
+    role: str
+    task: str
+    manifest: Path
+    coordinator: str
+    ca_certificate: Path | None
+    private_key: Path | None
+    insecure: bool
+    runtime_port: int
+
+
+def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
+    """Read ``SITE.yaml``; every problem names the file and the key.
+
+    ``role`` (from ``--role``) overrides the file's role.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError.single(path, "site configuration not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError.single(path, f"not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DataError.single(path, "expected a mapping of keys to values")
+
+    def need(key: str) -> str:
+        value = raw.get(key)
+        if value in (None, ""):
+            raise DataError.single(path, "missing required key", column=key)
+        return str(value)
+
+    def resolve(value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else (path.parent / p).resolve()
+
+    insecure = bool(raw.get("insecure", False))
+    the_role = role or str(raw.get("role", "train"))
+    if the_role not in ("train", "external"):
+        raise DataError.single(path, f"role must be train or external, got '{the_role}'",
+                               column="role")
+    task = need("task")
+    if task not in TASKS:
+        raise DataError.single(path, f"unknown task '{task}'", column="task")
+    cfg = SiteConfig(
+        path=path, site=need("site"), role=the_role, task=task,
+        manifest=resolve(need("manifest")), coordinator=need("coordinator"),
+        ca_certificate=None if insecure else resolve(need("ca_certificate")),
+        private_key=None if insecure else resolve(need("private_key")),
+        insecure=insecure, runtime_port=int(raw.get("runtime_port", 9094)),
+    )
+    for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
+        if file is not None and not file.is_file():
+            raise DataError.single(path, f"file not found: {file}", column=key)
+    return cfg
