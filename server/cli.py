@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ Sites connect with `hcc-fl-client --site-config SITE.yaml`.
 def _serve(args: argparse.Namespace) -> int:
     from hcc_fl.server.config import ConfigError, compose_config
     from hcc_fl.server.flower_runtime import Deployment
-    from hcc_fl.server.simulate import format_table, run_simulation
+    from hcc_fl.server.simulate import run_simulation, summarise_run
 
     if not args.insecure and not args.pki:
         print("error: TLS certificates are required: pass --pki DIR (created by "
@@ -49,10 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print()
-    print(format_table(metrics))
-    print(f"\nrun directory: {run_dir}")
+    print(summarise_run(run_dir))
     return 0
 
 

@@ -127,6 +127,24 @@ class SuperLink:
             self.process.wait(timeout=10)
 
 
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, verify: bool | str,
+                  startup_s: float, log_file: Path) -> None:
+    """Poll the SuperLink's health endpoint until it answers, it exits, or time runs out."""
+    deadline = time.monotonic() + startup_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; "
+                               f"see {log_file}")
+        try:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"flower-superlink did not start within {startup_s:.0f} s")
+        time.sleep(0.3)
+
+
 @contextlib.contextmanager
 def simulation_superlink(
     home: Path, log_file: Path, startup_s: float = 60.0
@@ -150,19 +168,7 @@ def simulation_superlink(
                                 start_new_session=True)
     link = SuperLink(proc, port, home, env)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; "
-                                   f"see {log_file}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start within {startup_s:.0f} s")
-            time.sleep(0.3)
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", True, startup_s, log_file)
         yield link
     finally:
         link.stop()
@@ -271,20 +277,8 @@ def deployment_superlink(
     try:
         scheme = "http" if deploy.insecure else "https"
         verify: bool | str = True if deploy.insecure else str(deploy.pki / "ca/ca.crt")  # type: ignore[operator]
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; "
-                                   f"see {log_file}")
-            try:
-                if httpx.get(f"{scheme}://127.0.0.1:{deploy.port}/health", timeout=1.0,
-                             verify=verify).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start within {startup_s:.0f} s")
-            time.sleep(0.3)
+        _wait_healthy(proc, f"{scheme}://127.0.0.1:{deploy.port}/health", verify, startup_s,
+                      log_file)
         if not deploy.insecure:
             assert deploy.pki is not None
             names = _register_sites(link, deploy.pki, log_file)

@@ -322,3 +322,9 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"{f(s.get('ppv'))}{f(s.get('npv'))}"
         )
     return "\n".join(lines)
+
+
+def summarise_run(run_dir: Path) -> str:
+    """The table and run-directory line printed by ``simulate`` and ``hcc-fl-server``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return f"\n{format_table(metrics)}\n\nrun directory: {run_dir}"

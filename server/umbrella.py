@@ -49,7 +49,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from hcc_fl.server.config import ConfigError, compose_config, to_yaml
-    from hcc_fl.server.simulate import format_table, run_simulation
+    from hcc_fl.server.simulate import run_simulation, summarise_run
 
     try:
         cfg = compose_config(args.overrides)
@@ -70,10 +70,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print()
-    print(format_table(metrics))
-    print(f"\nrun directory: {run_dir}")
+    print(summarise_run(run_dir))
     return 0
 
 
