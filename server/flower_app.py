@@ -145,6 +145,18 @@ def external_evaluation(
 
 @app.main()
 def main(grid_: Grid, context: Context) -> None:
+    """Run one federated arm; a failure is also written as ``error.json`` for the driver."""
+    arm_dir = Path(str(context.run_config["arm-dir"]))
+    try:
+        run_arm(grid_, context)
+    except FederationError as exc:
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        write_json(arm_dir / "error.json", {"error": str(exc)})
+        log.error("%s", exc)
+        raise
+
+
+def run_arm(grid_: Grid, context: Context) -> None:
     """Run one federated arm (FedAvg or FedProx) and write its result into the run directory."""
     rc = context.run_config
     cfg = json.loads(Path(str(rc["config-path"])).read_text())

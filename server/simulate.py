@@ -207,7 +207,9 @@ def run_simulation(
                 bar.close()
                 result_path = work / "arms" / arm / "result.json"
                 if not result_path.is_file():
-                    raise RuntimeError(f"federated arm '{arm}' failed; see its log {logf}")
+                    err = work / "arms" / arm / "error.json"
+                    why = json.loads(err.read_text())["error"] if err.is_file() else "failed"
+                    raise RuntimeError(f"federated arm '{arm}': {why}; see its log {logf}")
                 arm_results[arm] = json.loads(result_path.read_text())
                 timing[f"{arm}_s"] = time.monotonic() - t_arm
         timing["federated_total_s"] = time.monotonic() - t0

@@ -139,3 +139,22 @@ def test_deployment_equals_simulation(deployment: dict[str, object], small_phant
     sim = json.loads((tmp_path / "sim" / "metrics.json").read_text())["external"]["fedavg"]
     for key in ("auc", "threshold", "sensitivity", "specificity"):
         assert dep[key] == pytest.approx(sim[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_too_few_sites_ends_cleanly(tmp_path: Path) -> None:
+    """No site connects: the coordinator stops after the bounded wait and names who is missing."""
+    pki = tmp_path / "pki"
+    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
+                   capture_output=True, timeout=60)
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [script("hcc-fl-server"), "--pki", str(pki), "--port", str(_free_port()), "--quiet",
+         f"runs_dir={tmp_path / 'runs'}", "run_name=empty", "strategy=fedavg",
+         "federation.discovery_timeout_s=15"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1
+    assert "sites missing after 15 s: site_A, site_B, site_C, site_EXT" in out.stderr
+    assert time.monotonic() - t0 < 240
+    assert not (tmp_path / "runs" / "empty").exists()  # no half-written run directory
