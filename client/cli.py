@@ -60,6 +60,8 @@ def _run_site(args: argparse.Namespace) -> int:
                    f'task="{cfg.task}"')
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
+    if cfg.max_retries > 0:
+        argv += ["--max-retries", str(cfg.max_retries)]
     if cfg.insecure:
         argv.append("--insecure")
     else:
@@ -74,9 +76,12 @@ def _run_site(args: argparse.Namespace) -> int:
 
 
 # Flower prints these when the SuperLink refuses a SuperNode (its exit status is just 1).
-REFUSAL_MARKERS = ("[code: 2004]", "[code: 2001]", "Exit Code: 305")
-REFUSAL_HELP = ("the coordinator refused this site: is its key registered (`hcc-fl certs "
-                "add-site`), and is private_key the key the coordinator has?")
+KEY_REFUSED = ("[code: 2004]", "[code: 2001]")
+CONNECT_FAILED = ("Exit Code: 305",)
+KEY_HELP = ("the coordinator refused this site: is its key registered (`hcc-fl certs "
+            "add-site`), and is private_key the key the coordinator has?")
+CONNECT_HELP = ("could not connect to the coordinator: check its address and port, that it "
+                "runs, and that TLS matches (a plaintext client cannot join a TLS coordinator)")
 
 
 def _supervise(argv: list[str], env: dict[str, str], site: str) -> int:
@@ -96,21 +101,22 @@ def _supervise(argv: list[str], env: dict[str, str], site: str) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    refused = False
+    key_refused = connect_failed = False
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            refused = refused or any(m in line for m in REFUSAL_MARKERS)
+            key_refused = key_refused or any(m in line for m in KEY_REFUSED)
+            connect_failed = connect_failed or any(m in line for m in CONNECT_FAILED)
             if proc.poll() is not None:
                 break  # the SuperNode is gone; its SuperExec may still hold the pipe
         rc = proc.wait()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    if refused:
-        print(f"error: {site}: {REFUSAL_HELP}", file=sys.stderr)
+    if key_refused or connect_failed:
+        print(f"error: {site}: {KEY_HELP if key_refused else CONNECT_HELP}", file=sys.stderr)
         return 1
     if rc not in (0, -signal.SIGTERM, -signal.SIGINT):
         print(f"error: {site}: the SuperNode exited with code {rc}", file=sys.stderr)

@@ -9,6 +9,7 @@
     private_key: /etc/hcc-fl/site_A.key # this site's key (private; never leaves the site)
     insecure: false                     # true only for local tests (no TLS, no site key)
     runtime_port: 9094                  # local port of the SuperNode's runtime API
+    max_retries: 0                      # connection attempts before giving up (0 = no limit)
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -38,6 +39,7 @@ class SiteConfig:
     private_key: Path | None
     insecure: bool
     runtime_port: int
+    max_retries: int = 0
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -79,6 +81,7 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         ca_certificate=None if insecure else resolve(need("ca_certificate")),
         private_key=None if insecure else resolve(need("private_key")),
         insecure=insecure, runtime_port=int(raw.get("runtime_port", 9094)),
+        max_retries=int(raw.get("max_retries", 0)),
     )
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():

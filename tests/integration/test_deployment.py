@@ -80,6 +80,15 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
                          port, pki / "ca" / "ca.crt", other / "sites/intruder/intruder.key")
         intruder = subprocess.run([script("hcc-fl-client"), "--site-config", str(bad)],
                                   capture_output=True, text=True, timeout=120)
+        plain = work / "plaintext.yaml"  # no TLS against the TLS coordinator
+        plain.write_text(
+            f"site: site_A\nrole: train\ntask: ki67_ceus\n"
+            f"manifest: {small_phantom / 'site_A' / 'manifest.csv'}\n"
+            f"coordinator: 127.0.0.1:{port}\ninsecure: true\nmax_retries: 2\n"
+            f"runtime_port: {_free_port()}\n"
+        )
+        plaintext = subprocess.run([script("hcc-fl-client"), "--site-config", str(plain)],
+                                   capture_output=True, text=True, timeout=120)
         for site, role in SITES.items():
             cfg = _site_yaml(work, site, role, small_phantom / site / "manifest.csv", port,
                              pki / "sites" / site / "ca.crt",
@@ -91,7 +100,7 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
             ))
         out, _ = server.communicate(timeout=1200)
         yield {"work": work, "server_rc": server.returncode, "server_out": out,
-               "intruder": intruder, "run": work / "runs" / "deploy"}
+               "intruder": intruder, "plaintext": plaintext, "run": work / "runs" / "deploy"}
     finally:
         for proc in [*clients, server]:
             _stop(proc)
@@ -120,6 +129,14 @@ def test_unregistered_site_key_is_refused(deployment: dict[str, object]) -> None
     assert res.returncode != 0
     text = res.stdout + res.stderr
     assert "the coordinator refused this site" in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_plaintext_client_is_refused(deployment: dict[str, object]) -> None:
+    res = deployment["plaintext"]
+    assert isinstance(res, subprocess.CompletedProcess)
+    assert res.returncode != 0
+    assert "could not connect to the coordinator" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.slow
