@@ -36,7 +36,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _run_site(args: argparse.Namespace) -> int:
-    """Check the site's data, then replace this process with an authenticated SuperNode."""
+    """Check the site's data, then run an authenticated SuperNode under supervision."""
     import os
 
     from hcc_fl.client.manifest import validate_manifest
