@@ -23,6 +23,7 @@ from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import validation_metrics
 from hcc_fl.client.statistics import external_report, pooled_validation
 from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 
@@ -42,10 +43,6 @@ class BaselineResult:
     train_seconds: float = 0.0
 
 
-def _splits(name: str) -> tuple[str, ...]:
-    return ("train", "val") if name == "all" else (name,)
-
-
 def run_baselines(
     cfg: dict[str, Any],
     data_root: Path,
@@ -57,7 +54,7 @@ def run_baselines(
     fed = cfg["federation"]
     device = cfg["device"]
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
-    thr_splits = _splits(cfg["evaluation"]["threshold_split"])
+    thr_splits = threshold_splits(cfg["evaluation"]["threshold_split"])
     epochs = int(fed["rounds"]) * int(fed["local_epochs"])
     sites = list(fed["training_sites"])
 

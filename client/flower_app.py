@@ -29,6 +29,7 @@ from hcc_fl.client.statistics import external_report, validation_placements, val
 from hcc_fl.client.train import TrainConfig, train_one_round
 from hcc_fl.shared import records as R
 from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 from hcc_fl.shared.version import code_version
@@ -191,8 +192,7 @@ def validation_pass1(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
     rc = context.run_config
-    split = str(rc["threshold-split"])
-    splits = ("train", "val") if split == "all" else (split,)
+    splits = threshold_splits(str(rc["threshold-split"]))
     sums = validation_sums(_model(msg, context), _load(site, context, splits), _grid(context),
                            str(rc["device"]))
     auc_lo, auc_hi = sums["auc_ci"] or (math.nan, math.nan)
@@ -214,8 +214,7 @@ def validation_pass2(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: it takes no part in validation")
     rc = context.run_config
-    split = str(rc["threshold-split"])
-    splits = ("train", "val") if split == "all" else (split,)
+    splits = threshold_splits(str(rc["threshold-split"]))
     pooled = cast(MetricRecord, msg.content[R.METRICS])
     hist = (np.asarray(pooled["pos"], dtype=np.float64),
             np.asarray(pooled["neg"], dtype=np.float64))

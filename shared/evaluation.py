@@ -23,6 +23,11 @@ from hcc_fl.shared.metrics.pooled import (
 F64 = npt.NDArray[np.float64]
 
 
+def threshold_splits(name: str) -> tuple[str, ...]:
+    """Manifest splits behind ``evaluation.threshold_split`` (``all`` = train and val)."""
+    return ("train", "val") if name == "all" else (name,)
+
+
 def combine_pass1(
     per_site: dict[str, dict[str, Any]], grid: ScoreGrid
 ) -> tuple[float, tuple[F64, F64], dict[str, Any]]:
