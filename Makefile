@@ -15,7 +15,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test lint typecheck pytest browser clean help
+.PHONY: install demo test lint typecheck pytest system-deps clean help
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
@@ -47,12 +47,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy server client shared
 
-# The report test opens report.html in Debian's headless Chromium.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the tests use: headless Chromium (opens report.html) and nginx (the
+# coordinator's fleet-only front, see server/proxy.py).
+system-deps:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx-light"; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-pytest: install browser
+pytest: install system-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest

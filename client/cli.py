@@ -41,7 +41,9 @@ def _run_site(args: argparse.Namespace) -> int:
 
     from hcc_fl.client.manifest import validate_manifest
     from hcc_fl.client.site_config import load_site_config
+    from hcc_fl.shared.audit import AuditLog
     from hcc_fl.shared.offline import OFFLINE_ENV
+    from hcc_fl.shared.version import code_version
 
     try:
         cfg = load_site_config(args.site_config, args.role)
@@ -55,9 +57,12 @@ def _run_site(args: argparse.Namespace) -> int:
         return 1
     print(f"{cfg.site}: data check passed ({len(manifest.rows)} rows, task {task.name}, "
           f"role {cfg.role}); connecting to {cfg.coordinator}", flush=True)
+    home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    audit = cfg.audit_log or home / "audit.jsonl"
     exe = str(Path(sys.executable).parent / "flower-supernode")
     node_config = (f'manifest="{cfg.manifest}" site="{cfg.site}" role="{cfg.role}" '
-                   f'task="{cfg.task}"')
+                   f'task="{cfg.task}" audit="{audit}"')
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
     if cfg.max_retries > 0:
@@ -67,12 +72,30 @@ def _run_site(args: argparse.Namespace) -> int:
     else:
         argv += ["--root-certificates", str(cfg.ca_certificate),
                  "--auth-supernode-private-key", str(cfg.private_key)]
-    home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    shim = clientapp_shim(home / "bin")
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+           "HCC_FL_SITE": cfg.site, "HCC_FL_AUDIT": str(audit),
+           "HCC_FL_ALLOWED_VERSIONS": ",".join(cfg.allowed_code_versions),
+           "PATH": os.pathsep.join([str(shim), str(Path(sys.executable).parent),
+                                    os.environ.get("PATH", "")])}
+    AuditLog(audit, cfg.site).record("site-start", detail=f"hcc-fl {code_version()}, role "
+                                     f"{cfg.role}, task {cfg.task}")
+    print(f"{cfg.site}: audit log {audit}", flush=True)
     sys.stdout.flush()
     return _supervise(argv, env, cfg.site)
+
+
+def clientapp_shim(folder: Path) -> Path:
+    """A ``flwr-clientapp`` for the SuperNode's PATH that runs :mod:`hcc_fl.client.guard`
+    (Flower's ClientApp process with the bundle check in front) with this Python."""
+    import shlex
+
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text("#!/bin/sh\n# hcc-fl: Flower's ClientApp behind the site's bundle check\n"
+                      f"exec {shlex.quote(sys.executable)} -m hcc_fl.client.guard \"$@\"\n")
+    script.chmod(0o755)
+    return folder
 
 
 # Flower prints these when the SuperLink refuses a SuperNode (its exit status is just 1).
@@ -92,8 +115,11 @@ def _supervise(argv: list[str], env: dict[str, str], site: str) -> int:
     import signal
     import subprocess
 
+    from hcc_fl.shared.procs import die_with_parent
+
     proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=die_with_parent)
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -115,7 +115,8 @@ def _build(
             cine = read_cine(manifest.resolve(row["ceus_cine"]))
         except DataError as exc:
             raise DataError(
-                [DataIssue(str(manifest.path), i.message + f" ({i.file})", line, "ceus_cine")
+                [DataIssue(str(manifest.path), i.message + " (the file in this cell)", line,
+                            "ceus_cine")
                  for i in exc.issues]
             ) from exc
         roi = _roi(row)

@@ -28,6 +28,7 @@ from hcc_fl.client.evaluate import validation_metrics
 from hcc_fl.client.statistics import external_report, validation_placements, validation_sums
 from hcc_fl.client.train import TrainConfig, train_one_round
 from hcc_fl.shared import records as R
+from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
@@ -63,30 +64,59 @@ def resolve_site(context: Context) -> SiteContext:
     return SiteContext(name, str(entry["role"]), root / str(entry["manifest"]))
 
 
+def _names(content: RecordDict) -> list[str]:
+    return metric_names([*content.metric_records.values(), *content.config_records.values()])
+
+
+def _audit(context: Context) -> AuditLog:
+    """The site's audit log (deployment: node config ``audit``; simulation: none)."""
+    nc = context.node_config
+    return AuditLog(str(nc["audit"]) if nc.get("audit") else None, str(nc.get("site", "site")))
+
+
 def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
                                     Callable[[Message, Context], Message]]:
-    """Log failures at the site; send the coordinator only a path-free summary."""
+    """Audit every message; log failures at the site; send the coordinator only a path-free
+    summary of a failure."""
 
     def wrap(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
         @functools.wraps(fn)
         def inner(msg: Message, context: Context) -> Message:
             torch.set_num_threads(max(1, int(_num(context.run_config, "client-threads", 1))))
+            audit = _audit(context)
+            cfg = msg.content.config_records.get(R.CONFIG)
+            rnd = int(_num(cfg, "server-round", 0)) if cfg is not None else None
+            run = int(context.run_id)
+            audit.record("received", run=run, round=rnd or None, type=kind, peer="coordinator",
+                         bytes=payload_bytes(msg.content), metrics=_names(msg.content))
+
+            def refused(decision: str) -> None:
+                audit.record("sent", run=run, round=rnd or None, type=kind,
+                             peer="coordinator", bytes=0, decision=decision)
+
             try:
-                return fn(msg, context)
+                reply = fn(msg, context)
             except DataError as exc:
                 log.error("%s failed on site data: %s", kind, exc)
+                refused(f"failed: site data check ({len(exc.issues)} issue(s))")
                 raise RuntimeError(
                     f"{kind}: site data check failed ({len(exc.issues)} issue(s)); "
                     "run `hcc-fl-client check-data` at the site for details"
                 ) from None
             except PermissionError as exc:
                 log.warning("%s refused: %s", kind, exc)
+                refused(f"refused: {exc}")
                 raise PermissionError(str(exc)) from None
             except Exception as exc:
                 log.exception("%s failed at the site", kind)
+                refused(f"failed: {type(exc).__name__}")
                 raise RuntimeError(
                     f"{kind}: {type(exc).__name__} at the site; details are in the site's log"
                 ) from None
+            audit.record("sent", run=run, round=rnd or None, type=kind, peer="coordinator",
+                         bytes=payload_bytes(reply.content), metrics=_names(reply.content),
+                         decision="replied")
+            return reply
 
         return inner
 

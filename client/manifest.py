@@ -83,13 +83,13 @@ def _check_value(
         path = Path(raw) if Path(raw).is_absolute() else root / raw
         if col.kind == "dicom_dir":
             if not path.is_dir():
-                return issue(f"folder not found: {path}")
+                return issue("folder not found (the path in this cell)")
             files = sorted(p for p in path.iterdir() if p.is_file())
             if not files:
-                return issue(f"folder has no files: {path}")
+                return issue("folder has no files (the path in this cell)")
             path = files[0]
         elif not path.is_file():
-            return issue(f"file not found: {path}")
+            return issue("file not found (the path in this cell)")
         if col.kind == "cine" and path.suffix.lower() in VIDEO_SUFFIXES:
             return None
         if col.kind == "mask":
@@ -97,10 +97,11 @@ def _check_value(
         try:
             ds = read_dicom_header(path)
         except DataError as exc:
-            return issue(exc.issues[0].message + f": {path}")
+            return issue(exc.issues[0].message + " (the file in this cell)")
         if col.modality and str(ds.get("Modality", "")) != col.modality:
             return issue(
-                f"expected Modality {col.modality}, found {ds.get('Modality', 'none')!s} in {path}"
+                f"expected Modality {col.modality}, found {ds.get('Modality', 'none')!s} in the "
+                "file in this cell"
             )
     return None
 

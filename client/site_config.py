@@ -10,6 +10,8 @@
     insecure: false                     # true only for local tests (no TLS, no site key)
     runtime_port: 9094                  # local port of the SuperNode's runtime API
     max_retries: 0                      # connection attempts before giving up (0 = no limit)
+    allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
+    audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -40,6 +42,8 @@ class SiteConfig:
     insecure: bool
     runtime_port: int
     max_retries: int = 0
+    allowed_code_versions: tuple[str, ...] = ()
+    audit_log: Path | None = None
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -75,13 +79,24 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
     task = need("task")
     if task not in TASKS:
         raise DataError.single(path, f"unknown task '{task}'", column="task")
+    allowed = raw.get("allowed_code_versions") or []
+    if not isinstance(allowed, list) or not all(isinstance(v, str) for v in allowed):
+        raise DataError.single(path, "must be a list of version strings (e.g. "
+                               "'0.1.0+2cd551d3fd1e')", column="allowed_code_versions")
+    try:
+        runtime_port, max_retries = int(raw.get("runtime_port", 9094)), int(
+            raw.get("max_retries", 0))
+    except (TypeError, ValueError) as exc:
+        raise DataError.single(path, f"runtime_port and max_retries must be integers ({exc})",
+                               column="runtime_port") from exc
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
         ca_certificate=None if insecure else resolve(need("ca_certificate")),
         private_key=None if insecure else resolve(need("private_key")),
-        insecure=insecure, runtime_port=int(raw.get("runtime_port", 9094)),
-        max_retries=int(raw.get("max_retries", 0)),
+        insecure=insecure, runtime_port=runtime_port, max_retries=max_retries,
+        allowed_code_versions=tuple(allowed),
+        audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
     )
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():

@@ -89,6 +89,9 @@ def issue_server_cert(folder: Path, hosts: list[str], days: int = 825) -> Path:
     except FileNotFoundError as exc:
         raise CertError(f"{exc.filename} not found: run `hcc-fl certs init` first") from exc
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    # The SuperLink itself listens on loopback behind the nginx front, which verifies it by the
+    # DNS name "localhost": both loopback names are always in the certificate.
+    hosts = [*hosts, *(h for h in ("localhost", "127.0.0.1") if h not in hosts)]
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:

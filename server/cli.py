@@ -14,6 +14,7 @@ examples:
   hcc-fl certs init --dir pki --host coordinator.example.org --host 10.0.0.5
   hcc-fl certs add-site site_A --dir pki     # hand pki/sites/site_A/ to that hospital
   hcc-fl-server --pki pki --port 9092 run_name=study1 federation.rounds=20
+  hcc-fl-server --pki pki --port 9092 --resume runs/study1   # after a crash
 
 The coordinator holds no patient data: it runs the federated arms only (no baselines).
 Sites connect with `hcc-fl-client --site-config SITE.yaml`.
@@ -23,7 +24,7 @@ Sites connect with `hcc-fl-client --site-config SITE.yaml`.
 def _serve(args: argparse.Namespace) -> int:
     from hcc_fl.server.config import ConfigError, compose_config
     from hcc_fl.server.flower_runtime import Deployment
-    from hcc_fl.server.simulate import run_simulation, summarise_run
+    from hcc_fl.server.simulate import resume_config, run_simulation, summarise_run
 
     if not args.insecure and not args.pki:
         print("error: TLS certificates are required: pass --pki DIR (created by "
@@ -34,7 +35,13 @@ def _serve(args: argparse.Namespace) -> int:
               f"{args.host}:{args.port} can join or read updates. Use only for local tests.",
               file=sys.stderr)
     try:
-        cfg = compose_config(args.overrides)
+        if args.resume:
+            if args.overrides:
+                raise ConfigError("--resume continues the run with its own configuration: "
+                                  "give no KEY=VALUE overrides")
+            cfg = resume_config(Path(args.resume))
+        else:
+            cfg = compose_config(args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092, help="port (default: %(default)s)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no site authentication (local tests only; warned every round)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (runs/NAME) from its last checkpoint: "
+                   "finished arms are kept, the running arm restarts after its last round")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_serve)

@@ -47,6 +47,12 @@ def check_config(cfg: dict[str, Any]) -> None:
     for key in ("rounds", "local_epochs", "min_sites"):
         if int(fed[key]) < 1:
             raise ConfigError(f"federation.{key} must be >= 1, got {fed[key]}")
+    for key in ("round_timeout_s", "discovery_timeout_s"):
+        if float(fed[key]) <= 0:
+            raise ConfigError(f"federation.{key} must be > 0, got {fed[key]}")
+    if float(fed.get("max_update_norm_ratio", 0)) < 0:
+        raise ConfigError("federation.max_update_norm_ratio must be >= 0 (0 = off), got "
+                          f"{fed['max_update_norm_ratio']}")
     if int(fed["min_sites"]) > len(fed["training_sites"]):
         raise ConfigError(
             f"federation.min_sites={fed['min_sites']} exceeds the "

@@ -7,6 +7,7 @@ training sites -> pooled Youden threshold from summed site histograms -> externa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -26,8 +27,14 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from hcc_fl.server.strategy import build_strategy
+from hcc_fl.server.strategy import (
+    CHECKPOINT_VERSION,
+    build_strategy,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hcc_fl.shared import records as R
+from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
 from hcc_fl.shared.jsonio import write_json
 from hcc_fl.shared.metrics.pooled import ScoreGrid
@@ -42,13 +49,53 @@ class FederationError(RuntimeError):
     """The federation cannot go on (sites missing, every round failed, ...)."""
 
 
+AUDIT = AuditLog(None, "coordinator")  # replaced by run_arm with the run's audit file
+NAMES: dict[int, str] = {}  # node id -> site name, as far as known (for the audit log)
+
+
 def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
            timeout: float) -> list[Message]:
     messages = [
         Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n)
         for n in node_ids
     ]
-    return list(grid_.send_and_receive(messages, timeout=timeout))
+    size = payload_bytes(content)
+    for n in node_ids:
+        AUDIT.record("sent", type=action, peer=NAMES.get(n, f"node-{n}"), bytes=size,
+                     metrics=metric_names([*content.config_records.values(),
+                                           *content.metric_records.values()]))
+    replies = list(grid_.send_and_receive(messages, timeout=timeout))
+    for r in replies:
+        peer = NAMES.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        if r.has_error():
+            AUDIT.record("received", type=action, peer=peer, bytes=0,
+                         decision="site error (see the coordinator log)")
+        else:
+            AUDIT.record("received", type=action, peer=peer, bytes=payload_bytes(r.content),
+                         metrics=metric_names([*r.content.config_records.values(),
+                                               *r.content.metric_records.values()]),
+                         decision="accepted")
+    missing = set(node_ids) - {r.metadata.src_node_id for r in replies}
+    for n in sorted(missing):
+        AUDIT.record("timeout", type=action, peer=NAMES.get(n, f"node-{n}"),
+                     decision=f"no reply within {timeout:.0f} s")
+    return replies
+
+
+def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0
+                   ) -> dict[int, dict[str, Any]]:
+    """Ask nodes who they are: node id -> {"site", "role", "code-version", counts...}."""
+    known: dict[int, dict[str, Any]] = {}
+    for reply in _query(grid_, node_ids, R.ACTION_SITE_INFO, RecordDict(), timeout=timeout):
+        if reply.has_error():
+            log.warning("node %d could not describe itself: %s",
+                        reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info = dict(reply.content[R.INFO])
+        info.update({k: int(cast(Any, v)) for k, v in reply.content[R.METRICS].items()})
+        known[reply.metadata.src_node_id] = info
+        NAMES[reply.metadata.src_node_id] = str(info["site"])
+    return known
 
 
 def discover_sites(
@@ -65,18 +112,14 @@ def discover_sites(
     """
     expected = set(training) | ({external} if external else set())
     known: dict[int, dict[str, Any]] = {}
+    failed: set[int] = set()  # nodes that refused or failed to answer: not asked again
     deadline = time.monotonic() + timeout_s
     while True:
-        new = [n for n in grid.get_node_ids() if n not in known]
+        new = [n for n in grid.get_node_ids() if n not in known and n not in failed]
         if new:
-            for reply in _query(grid, new, R.ACTION_SITE_INFO, RecordDict(), timeout=60.0):
-                if reply.has_error():
-                    log.warning("node %d could not describe itself: %s",
-                                reply.metadata.src_node_id, reply.error.reason)
-                    continue
-                info = dict(reply.content[R.INFO])
-                info.update({k: int(cast(Any, v)) for k, v in reply.content[R.METRICS].items()})
-                known[reply.metadata.src_node_id] = info
+            answers = describe_nodes(grid, new)
+            known.update(answers)
+            failed.update(set(new) - set(answers))
         found = {v["site"] for v in known.values()}
         if expected <= found:
             return known
@@ -156,13 +199,27 @@ def main(grid_: Grid, context: Context) -> None:
         raise
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_arm(grid_: Grid, context: Context) -> None:
-    """Run one federated arm (FedAvg or FedProx) and write its result into the run directory."""
+    """Run one federated arm (FedAvg or FedProx) and write its result into the run directory.
+
+    After every round the global model, the round number, the strategy's state and the timing
+    go to ``<arm-dir>/checkpoint.pt`` (atomically); with ``resume`` in the run config an arm
+    whose checkpoint exists continues after the checkpointed round.
+    """
+    global AUDIT
     rc = context.run_config
-    cfg = json.loads(Path(str(rc["config-path"])).read_text())
+    config_path = Path(str(rc["config-path"]))
+    cfg = json.loads(config_path.read_text())
     arm = str(rc["arm"])
     arm_dir = Path(str(rc["arm-dir"]))
     arm_dir.mkdir(parents=True, exist_ok=True)
+    AUDIT = AuditLog(str(rc.get("audit-path", "")) or None, "coordinator")
+    AUDIT.record("run-start", arm=arm, run=int(context.run_id),
+                 detail=f"hcc-fl {code_version()}")
     fed = cfg["federation"]
     arm_cfg = next(a for a in cfg["strategy"]["arms"] if a["name"] == arm)
     training = list(fed["training_sites"])
@@ -182,7 +239,12 @@ def run_arm(grid_: Grid, context: Context) -> None:
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["task"]["name"], cfg["model"]["profile"])
     strategy = build_strategy(arm, len(train_nodes), float(arm_cfg.get("proximal_mu", 0.0)))
-    strategy.setup_sites(arm, names, train_nodes, int(fed["min_sites"]))  # type: ignore[attr-defined]
+    strategy.setup_sites(  # type: ignore[attr-defined]
+        arm, names, train_nodes, int(fed["min_sites"]),
+        max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
+        describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
+        training_sites=training,
+    )
     strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
     train_config = ConfigRecord({
         "local-epochs": int(fed["local_epochs"]),
@@ -190,23 +252,47 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "lr": float(cfg["model"]["lr"]),
         "weight-decay": float(cfg["model"]["weight_decay"]),
     })
+    ckpt_path = arm_dir / "checkpoint.pt"
+    config_sha = _sha256(config_path)
+    arrays = ArrayRecord(model.state_dict())
+    first_round, done_seconds = 1, 0.0
+    if bool(rc.get("resume", False)) and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config_sha256"] != config_sha or ckpt["arm"] != arm:
+            raise FederationError(f"{ckpt_path} belongs to another configuration or arm: "
+                                  "cannot resume from it")
+        model.load_state_dict(ckpt["model"])
+        arrays = ArrayRecord(model.state_dict())
+        strategy.load_state(ckpt["strategy"])  # type: ignore[attr-defined]
+        first_round, done_seconds = int(ckpt["round"]) + 1, float(ckpt["train_seconds"])
+        log.info("%s: resuming after round %d from %s", arm, first_round - 1, ckpt_path)
+        AUDIT.record("resume", arm=arm, round=first_round - 1)
     t0 = time.monotonic()
-    result = strategy.start(
-        grid=grid_,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(fed["rounds"]),
-        timeout=float(fed["round_timeout_s"]),
-        train_config=train_config,
-        evaluate_config=ConfigRecord(),
+
+    def checkpoint(rnd: int, current: ArrayRecord) -> None:
+        save_checkpoint(ckpt_path, {
+            "version": CHECKPOINT_VERSION, "arm": arm, "round": rnd, "config_sha256": config_sha,
+            "model": current.to_torch_state_dict(),
+            "strategy": strategy.state(),  # type: ignore[attr-defined]
+            "train_seconds": done_seconds + time.monotonic() - t0,
+        })
+        AUDIT.record("checkpoint", arm=arm, round=rnd)
+
+    final = strategy.run_rounds(  # type: ignore[attr-defined]
+        grid_, arrays, first_round, int(fed["rounds"]), float(fed["round_timeout_s"]),
+        train_config, ConfigRecord(), on_round_end=checkpoint,
     )
-    train_seconds = time.monotonic() - t0
-    if len(result.arrays) == 0:
+    train_seconds = done_seconds + time.monotonic() - t0
+    if not strategy.aggregated_rounds:  # type: ignore[attr-defined]
         raise FederationError(f"{arm}: no round produced a model (every round failed)")
-    final = result.arrays
     model.load_state_dict(final.to_torch_state_dict())
 
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
     timeout = float(fed["round_timeout_s"])
+    train_nodes = list(strategy.training_nodes)  # type: ignore[attr-defined]
+    names = dict(strategy.site_names)  # type: ignore[attr-defined]
+    connected = set(grid_.get_node_ids())  # a restarted external site has a new node id
+    ext_nodes = [n for n, s in names.items() if s == external and n in connected] or ext_nodes
     threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid, timeout)
     external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout)
                       if ext_nodes else None)
@@ -217,6 +303,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "strategy": arm_cfg,
         "code_version": mine,
         "train_seconds": train_seconds,
+        "resumed_after_round": first_round - 1 if first_round > 1 else None,
+        "aggregated_rounds": strategy.aggregated_rounds,  # type: ignore[attr-defined]
         "threshold": threshold,
         "validation": validation,
         "external": external_stats,
@@ -229,4 +317,5 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "history": strategy.history,  # type: ignore[attr-defined]
         "rejections": strategy.rejections,  # type: ignore[attr-defined]
     })
+    AUDIT.record("run-end", arm=arm, run=int(context.run_id))
     log.info("%s finished: external AUC %s", arm, external_stats and external_stats.get("auc"))

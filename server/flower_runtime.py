@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from hcc_fl.shared.offline import OFFLINE_ENV
+from hcc_fl.shared.procs import die_with_parent
 from hcc_fl.shared.version import code_version
 
 log = logging.getLogger("hcc_fl.coordinator")
@@ -165,7 +166,7 @@ def simulation_superlink(
     ]
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
     link = SuperLink(proc, port, home, env)
     try:
         _wait_healthy(proc, f"http://127.0.0.1:{port}/health", True, startup_s, log_file)
@@ -248,19 +249,29 @@ def deployment_superlink(
     home: Path, deploy: Deployment, database: Path, log_file: Path, startup_s: float = 60.0
 ) -> Iterator[SuperLink]:
     """Start the coordinator's SuperLink (TLS + SuperNode authentication unless insecure),
-    register the allow-listed site keys, and stop everything on exit."""
+    register the allow-listed site keys, and stop everything on exit.
+
+    With TLS the SuperLink listens on a free loopback port only, and an nginx front
+    (:mod:`hcc_fl.server.proxy`) on ``deploy.host:deploy.port`` passes the fleet API (the
+    sites) and nothing else: the control and runtime APIs answer on loopback only.
+    ``--insecure`` (local tests) binds the SuperLink itself to ``deploy.host:deploy.port``.
+    """
+    from hcc_fl.server.proxy import fleet_proxy
+
     home.mkdir(parents=True, exist_ok=True)
     env = flower_env(home)
+    port = deploy.port if deploy.insecure else free_port()
+    host = deploy.host if deploy.insecure else "127.0.0.1"
     cmd = [flower_executable("flower-superlink"), "--isolation", "subprocess",
-           "--host", deploy.host, "--port", str(deploy.port), "--database", str(database),
+           "--host", host, "--port", str(port), "--database", str(database),
            "--disable-runtime-dependency-installation"]
-    conn = f'[superlink.hccdeploy]\naddress = "127.0.0.1:{deploy.port}"\n'
+    conn = f'[superlink.hccdeploy]\naddress = "127.0.0.1:{port}"\n'
+    pki = deploy.pki.resolve() if deploy.pki is not None else None
     if deploy.insecure:
         cmd.append("--insecure")
         conn += "insecure = true\n"
     else:
-        assert deploy.pki is not None
-        pki = deploy.pki.resolve()
+        assert pki is not None
         for f in ("ca/ca.crt", "server/server.crt", "server/server.key"):
             if not (pki / f).is_file():
                 raise RuntimeError(f"{pki / f} not found: create the PKI with "
@@ -272,17 +283,22 @@ def deployment_superlink(
     (home / "config.toml").write_text('[superlink]\ndefault = "hccdeploy"\n\n' + conn)
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    link = SuperLink(proc, deploy.port, home, env)
+                                start_new_session=True, preexec_fn=die_with_parent)
+    link = SuperLink(proc, port, home, env)
     try:
         scheme = "http" if deploy.insecure else "https"
-        verify: bool | str = True if deploy.insecure else str(deploy.pki / "ca/ca.crt")  # type: ignore[operator]
-        _wait_healthy(proc, f"{scheme}://127.0.0.1:{deploy.port}/health", verify, startup_s,
-                      log_file)
-        if not deploy.insecure:
-            assert deploy.pki is not None
-            names = _register_sites(link, deploy.pki, log_file)
-            log.info("registered site keys: %s", ", ".join(names) or "none")
-        yield link
+        verify: bool | str = True if pki is None else str(pki / "ca/ca.crt")
+        _wait_healthy(proc, f"{scheme}://127.0.0.1:{port}/health", verify, startup_s, log_file)
+        with contextlib.ExitStack() as stack:
+            if pki is not None:
+                names = _register_sites(link, pki, log_file)
+                log.info("registered site keys: %s", ", ".join(names) or "none")
+                stack.enter_context(fleet_proxy(
+                    deploy.host, deploy.port, port, pki / "server/server.crt",
+                    pki / "server/server.key", pki / "ca/ca.crt", home / "proxy",
+                ))
+                log.info("fleet API exposed on %s:%d (nginx); control and runtime APIs on "
+                         "127.0.0.1:%d only", deploy.host, deploy.port, port)
+            yield link
     finally:
         link.stop()

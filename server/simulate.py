@@ -96,6 +96,9 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "histogram-bins": int(cfg["evaluation"]["histogram_bins"]),
         "threshold-split": cfg["evaluation"]["threshold_split"],
         "seed": int(cfg["seed"]),
+        "code-version": code_version(),
+        "audit-path": str(run_dir / "logs" / "audit-coordinator.jsonl"),
+        "resume": bool(cfg.get("_resume", False)),
     }
 
 
@@ -122,6 +125,27 @@ def _compare_arms(
         model.load_state_dict(torch.load(models / f"{arm.replace(':', '-')}.pt"))
         probs[arm] = predict(model, data, cfg["device"])
     return external_comparisons(probs, data.label.numpy().astype("float64"))
+
+
+def partial_dir(run_dir: Path) -> Path:
+    """Where the run ``runs/NAME`` is built while in progress: ``runs/.NAME.partial``."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir.name.startswith(".") and run_dir.name.endswith(".partial"):
+        return run_dir
+    return run_dir.parent / f".{run_dir.name}.partial"
+
+
+def resume_config(run_dir: Path) -> dict[str, Any]:
+    """The configuration of an interrupted run, for ``hcc-fl-server --resume RUN_DIR``."""
+    work = partial_dir(run_dir)
+    path = work / "config.json"
+    if not path.is_file():
+        done = work.parent / work.name[1:-len(".partial")]
+        hint = (f"{done} is complete; nothing to resume" if (done / "metrics.json").is_file()
+                else "no interrupted run there")
+        raise ConfigError(f"cannot resume {run_dir}: {path} not found ({hint})")
+    cfg: dict[str, Any] = json.loads(path.read_text())
+    return {**cfg, "_resume": True}
 
 
 def run_simulation(
@@ -157,12 +181,17 @@ def run_simulation(
         raise ConfigError(f"run directory {final} exists: choose another run_name or pass "
                           "overwrite=true")
     work = runs_dir / f".{name}.partial"
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
-    cfg = {**cfg, "data_root": str(data_root), "run_name": name}
-    (work / "config.yaml").write_text(to_yaml(cfg))
-    (work / "config.json").write_text(json.dumps(cfg, indent=2))
+    resuming = bool(cfg.get("_resume", False))
+    cfg = {k: v for k, v in cfg.items() if k != "_resume"}
+    if resuming:
+        log.info("resuming the run in %s", work)
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "logs").mkdir(parents=True)
+        cfg = {**cfg, "data_root": str(data_root), "run_name": name}
+        (work / "config.yaml").write_text(to_yaml(cfg))
+        (work / "config.json").write_text(json.dumps(cfg, indent=2))
     timing: dict[str, float] = {}
     t_start = time.monotonic()
 
@@ -183,10 +212,16 @@ def run_simulation(
                 print(f"coordinator ready on {deployment.host}:{deployment.port}", flush=True)
             for arm in arms:
                 t_arm = time.monotonic()
+                result_path = work / "arms" / arm / "result.json"
+                if resuming and result_path.is_file():
+                    log.info("arm %s finished before the interruption", arm)
+                    arm_results[arm] = json.loads(result_path.read_text())
+                    continue
+                (work / "arms" / arm / "error.json").unlink(missing_ok=True)
                 app_dir = write_app_bundle(
                     work / "app" / arm,
-                    _run_config({**cfg, "insecure": bool(deployment and deployment.insecure)},
-                                arm, work, data_root),
+                    _run_config({**cfg, "insecure": bool(deployment and deployment.insecure),
+                                 "_resume": resuming}, arm, work, data_root),
                 )
                 bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
                            disable=None if not quiet else True, leave=True)
@@ -205,7 +240,6 @@ def run_simulation(
                 flwr_run(link, app_dir, sim_config, logf, on_round=on_round)
                 bar.update(int(fed["rounds"]) - last[0])
                 bar.close()
-                result_path = work / "arms" / arm / "result.json"
                 if not result_path.is_file():
                     err = work / "arms" / arm / "error.json"
                     why = json.loads(err.read_text())["error"] if err.is_file() else "failed"
@@ -248,6 +282,10 @@ def run_simulation(
         rejections.extend(res["rejections"])
         sites = res["sites"]
         shutil.move(str(work / "arms" / arm / "model.pt"), models / f"{arm}.pt")
+        ckpt = work / "arms" / arm / "checkpoint.pt"
+        if ckpt.is_file():
+            (work / "checkpoints").mkdir(exist_ok=True)
+            shutil.move(str(ckpt), work / "checkpoints" / f"{arm}.pt")
     for b in baselines:
         external[b.name] = _summary(b.external)
         validation[b.name] = b.validation

@@ -5,26 +5,38 @@
   trains and never sees an intermediate model);
 - replies that are non-finite, of the wrong shape or missing keys are rejected and logged by site
   before Flower aggregates the rest;
+- replies whose update norm exceeds ``max_norm_ratio`` x the round's median are rejected too;
 - per-site metrics of every round are kept for ``history.jsonl`` (a sample-weighted mean of
-  per-site AUCs is not a pooled AUC, so nothing here averages AUCs).
+  per-site AUCs is not a pooled AUC, so nothing here averages AUCs);
+- ``run_rounds`` is the round loop (Flower's ``Strategy.start`` does the same calls) with a
+  checkpoint after every round and a start round other than 1 when resuming;
+- every message sent and every reply with its decision goes to the coordinator's audit log.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from hcc_fl.shared import records as R
+from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 
 log = logging.getLogger("hcc_fl.coordinator")
+CHECKPOINT_VERSION = 1
 
 
 def _weighted_loss_only(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -33,29 +45,92 @@ def _weighted_loss_only(replies: list[RecordDict], weight_key: str) -> MetricRec
     return MetricRecord({k: v for k, v in agg.items() if "auc" not in k})
 
 
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: a temporary file, fsync, then rename over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    state: dict[str, Any] = torch.load(path, weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')} is not "
+                         f"{CHECKPOINT_VERSION}")
+    return state
+
+
 class SiteAwareMixin:
     """Restricts rounds to training sites, screens replies, records per-site history."""
 
     arrayrecord_key: str
+    insecure: bool = False
 
     def setup_sites(
-        self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int
+        self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
+        max_norm_ratio: float = 0.0, audit: AuditLog | None = None,
+        describe: Callable[[list[int]], dict[int, dict[str, Any]]] | None = None,
+        training_sites: Iterable[str] = (),
     ) -> None:
-        """Tell the strategy the node id -> site map, which nodes may train, and the quorum."""
+        """Tell the strategy the node id -> site map, which nodes may train, the quorum, the
+        norm screen (0 = off), the audit log, and how to identify nodes that join later."""
         self.arm = arm
         self.min_sites = min_sites
-        self.site_names = site_names
+        self.max_norm_ratio = float(max_norm_ratio)
+        self.site_names = dict(site_names)
         self.training_nodes = list(training_nodes)
+        self.training_sites = set(training_sites) or {site_names[n] for n in training_nodes}
+        self.audit = audit or AuditLog(None, "coordinator")
+        self.describe = describe
         self.history: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
+        self.aggregated_rounds: list[int] = []
         self._expected: dict[str, tuple[int, ...]] | None = None
+        self._global: dict[str, np.ndarray] | None = None
+
+    # --- state for checkpoints -----------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything the strategy needs to continue: history, rejections and, for strategies
+        with a server optimiser, its moments (any numpy attributes named ``m_t``/``v_t``)."""
+        extra = {k: getattr(self, k) for k in ("m_t", "v_t") if getattr(self, k, None) is not None}
+        return {"history": list(self.history), "rejections": list(self.rejections),
+                "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        self.history = list(state["history"])
+        self.rejections = list(state["rejections"])
+        self.aggregated_rounds = list(state["aggregated_rounds"])
+        for k, v in state.get("optimizer", {}).items():
+            setattr(self, k, v)
 
     # --- sampling: only training sites ---------------------------------------------------------
+    def _refresh_sites(self, grid: Grid) -> None:
+        """Identify nodes that connected since the last round (a restarted site rejoins)."""
+        new = [n for n in grid.get_node_ids() if n not in self.site_names]
+        if not new or self.describe is None:
+            return
+        for nid, info in self.describe(new).items():
+            self.site_names[nid] = str(info["site"])
+            if info["site"] in self.training_sites and info["role"] == R.ROLE_TRAIN:
+                self.training_nodes.append(nid)
+                log.info("site %s (re)joined as node %d", info["site"], nid)
+
     def _only_training(self, messages: Iterable[Message]) -> list[Message]:
         allowed = set(self.training_nodes)
         return [m for m in messages if m.metadata.dst_node_id in allowed]
 
-    insecure: bool = False
+    def _audit_sent(self, server_round: int, messages: list[Message], kind: str) -> None:
+        for m in messages:
+            self.audit.record("sent", arm=self.arm, round=server_round, type=kind,
+                              peer=self.site_names.get(m.metadata.dst_node_id, "?"),
+                              bytes=payload_bytes(m.content),
+                              metrics=metric_names(m.content.config_records.values()))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -66,33 +141,52 @@ class SiteAwareMixin:
                         "updates travel in clear text", server_round)
         if self._expected is None:
             self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        return self._only_training(
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        self._refresh_sites(grid)
+        out = self._only_training(
             super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
         )
+        self._audit_sent(server_round, out, "train")
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Per-round validation at the training sites only."""
-        return self._only_training(
+        out = self._only_training(
             super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         )
+        self._audit_sent(server_round, out, "evaluate")
+        return out
 
     # --- screening and history -----------------------------------------------------------------
     def _site(self, msg: Message) -> str:
         return self.site_names.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
 
-    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
+    def _received(self, server_round: int, msg: Message, kind: str, decision: str) -> None:
+        content_ok = not msg.has_error()
+        self.audit.record(
+            "received", arm=self.arm, round=server_round, type=kind, peer=self._site(msg),
+            bytes=payload_bytes(msg.content) if content_ok else 0,
+            metrics=metric_names(msg.content.metric_records.values()) if content_ok else [],
+            decision=decision,
+        )
+
+    def _reject(self, server_round: int, msg: Message, reason: str, kind: str = "train") -> None:
         site = self._site(msg)
         log.warning("round %d: rejected the reply of %s: %s", server_round, site, reason)
         self.rejections.append({"arm": self.arm, "round": server_round, "site": site,
                                 "reason": reason})
+        self._received(server_round, msg, kind, f"rejected: {reason}")
 
     def _screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         good = []
         for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
+                continue
+            if msg.metadata.src_node_id not in set(self.training_nodes):
+                self._reject(server_round, msg, "reply from a node that is not a training site")
                 continue
             content = msg.content
             if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -111,8 +205,36 @@ class SiteAwareMixin:
             if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
                 self._reject(server_round, msg, "missing or invalid num-examples")
                 continue
+            loss = metrics.get("train-loss")
+            if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+                self._reject(server_round, msg, "missing or non-finite train-loss")
+                continue
             good.append(msg)
-        return good
+        return self._screen_norms(server_round, good)
+
+    def _update_norm(self, msg: Message) -> float:
+        arrays = next(iter(msg.content.array_records.values()))
+        assert self._global is not None
+        sq = 0.0
+        for k, v in arrays.items():
+            d = v.numpy().astype(np.float64) - self._global[k].astype(np.float64)
+            sq += float(np.sum(d * d))
+        return math.sqrt(sq)
+
+    def _screen_norms(self, server_round: int, good: list[Message]) -> list[Message]:
+        """Reject updates whose L2 norm exceeds ``max_norm_ratio`` x the median norm."""
+        if self.max_norm_ratio <= 0 or self._global is None or len(good) < 2:
+            return good
+        norms = {id(m): self._update_norm(m) for m in good}
+        median = float(np.median(list(norms.values())))
+        kept = []
+        for m in good:
+            if median > 0 and norms[id(m)] > self.max_norm_ratio * median:
+                self._reject(server_round, m, f"update norm {norms[id(m)]:.3g} exceeds "
+                             f"{self.max_norm_ratio:g} x the median {median:.3g}")
+            else:
+                kept.append(m)
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -126,15 +248,21 @@ class SiteAwareMixin:
                 "round %d: only %d usable replies (min_sites=%d): the global model is unchanged",
                 server_round, len(good), self.min_sites,
             )
+            for msg in good:
+                self._received(server_round, msg, "train", "not aggregated: too few replies")
             return None, None
         for msg in good:
+            self._received(server_round, msg, "train", "accepted")
             metrics = next(iter(msg.content.metric_records.values()))
             self.history.append({
                 "arm": self.arm, "round": server_round, "site": self._site(msg),
                 "phase": "train", "train_loss": float(metrics["train-loss"]),  # type: ignore[arg-type]
                 "n": int(metrics[R.NUM_EXAMPLES]),  # type: ignore[arg-type]
             })
-        return super().aggregate_train(server_round, good)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        if arrays is not None:
+            self.aggregated_rounds.append(server_round)
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -143,18 +271,56 @@ class SiteAwareMixin:
         good = []
         for msg in sorted(replies, key=self._site):
             if msg.has_error():
-                self._reject(server_round, msg, f"site error: {msg.error.reason}")
+                self._reject(server_round, msg, f"site error: {msg.error.reason}", "evaluate")
                 continue
+            metrics = next(iter(msg.content.metric_records.values()), None)
+            loss = metrics.get("val-loss") if metrics is not None else None
+            if not isinstance(loss, (int, float)) or not isinstance(
+                    metrics.get(R.NUM_EXAMPLES) if metrics is not None else None, (int, float)):
+                self._reject(server_round, msg, "malformed validation reply", "evaluate")
+                continue
+            assert metrics is not None
+            self._received(server_round, msg, "evaluate", "accepted")
             good.append(msg)
-            metrics = next(iter(msg.content.metric_records.values()))
             auc = float(metrics.get("val-auc", math.nan))  # type: ignore[arg-type]
             self.history.append({
                 "arm": self.arm, "round": server_round, "site": self._site(msg),
-                "phase": "validate", "val_loss": float(metrics["val-loss"]),  # type: ignore[arg-type]
-                "val_auc": None if math.isnan(auc) else auc,
+                "phase": "validate", "val_loss": float(loss),
+                "val_auc": None if not math.isfinite(auc) else auc,
                 "n": int(metrics[R.NUM_EXAMPLES]),  # type: ignore[arg-type]
             })
+        if not good:
+            return None
         return super().aggregate_evaluate(server_round, good)  # type: ignore[misc]
+
+    # --- the round loop ------------------------------------------------------------------------
+    def run_rounds(
+        self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
+        timeout: float, train_config: ConfigRecord, evaluate_config: ConfigRecord,
+        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> ArrayRecord:
+        """Rounds ``first_round..num_rounds``: train, aggregate, validate, then
+        ``on_round_end(round, global_arrays)`` (the checkpoint). Returns the final arrays."""
+        for rnd in range(first_round, num_rounds + 1):
+            flwr_log(INFO, "")
+            flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            t0 = time.monotonic()
+            replies = grid.send_and_receive(
+                messages=self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
+                                              grid),
+                timeout=timeout)
+            new, _ = self.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = new
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),
+                                                 grid),
+                timeout=timeout)
+            self.aggregate_evaluate(rnd, replies)
+            log.info("round %d/%d done in %.1f s", rnd, num_rounds, time.monotonic() - t0)
+            if on_round_end is not None:
+                on_round_end(rnd, arrays)
+        return arrays
 
 
 class HccFedAvg(SiteAwareMixin, FedAvg):

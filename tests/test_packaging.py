@@ -12,7 +12,8 @@ from tests.conftest import REPO, script
 
 MAPPING = {"server": "hcc_fl.server", "client": "hcc_fl.client", "shared": "hcc_fl.shared",
            "configs": "hcc_fl.configs"}
-FLOWER_MODULES = {"client/flower_app.py", "server/flower_app.py", "server/strategy.py"}
+FLOWER_MODULES = {"client/flower_app.py", "client/guard.py", "server/flower_app.py",
+                  "server/strategy.py"}
 
 
 def test_declared_packages_match_folders() -> None:

@@ -25,7 +25,8 @@ def test_init_add_revoke(tmp_path: Path) -> None:
     ca.public_key().verify(srv.signature, srv.tbs_certificate_bytes,  # type: ignore[call-arg]
                            ec.ECDSA(srv.signature_hash_algorithm))  # type: ignore[arg-type]
     sans = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
+    # the loopback names are always added: the SuperLink sits on loopback behind nginx
+    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.example.org", "localhost"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     for private in ("ca/ca.key", "server/server.key"):
         assert stat.S_IMODE((pki / private).stat().st_mode) == 0o600
