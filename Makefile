@@ -15,11 +15,12 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo test lint typecheck pytest system-deps clean help
+.PHONY: install demo deploy-demo test lint typecheck pytest system-deps clean help
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
+	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
 
 $(VENV)/.deps: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,10 @@ $(DATA)/manifest_index.json: | install
 
 demo: install $(DATA)/manifest_index.json
 	$(BIN)/hcc-fl simulate task=$(TASK) data_root=$(DATA) run_name=demo-$(TASK) seed=$(SEED) overwrite=true
+
+# A real deployment on 127.0.0.1 (coordinator + 4 site processes, TLS, 2 rounds) to watch.
+deploy-demo: install system-deps $(DATA)/manifest_index.json
+	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2
 
 lint: install
 	$(BIN)/ruff check server client shared configs tests bench

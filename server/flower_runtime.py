@@ -246,7 +246,8 @@ def _register_sites(link: SuperLink, pki: Path, log_file: Path) -> list[str]:
 
 @contextlib.contextmanager
 def deployment_superlink(
-    home: Path, deploy: Deployment, database: Path, log_file: Path, startup_s: float = 60.0
+    home: Path, deploy: Deployment, database: Path, log_file: Path, startup_s: float = 60.0,
+    proxy_dir: Path | None = None,
 ) -> Iterator[SuperLink]:
     """Start the coordinator's SuperLink (TLS + SuperNode authentication unless insecure),
     register the allow-listed site keys, and stop everything on exit.
@@ -255,6 +256,8 @@ def deployment_superlink(
     (:mod:`hcc_fl.server.proxy`) on ``deploy.host:deploy.port`` passes the fleet API (the
     sites) and nothing else: the control and runtime APIs answer on loopback only.
     ``--insecure`` (local tests) binds the SuperLink itself to ``deploy.host:deploy.port``.
+    ``proxy_dir`` (default ``home/proxy``) holds nginx's configuration, logs and pids; keep it
+    the same for the same port, so that a restart after a crash can clear what nginx left.
     """
     from hcc_fl.server.proxy import fleet_proxy
 
@@ -295,7 +298,7 @@ def deployment_superlink(
                 log.info("registered site keys: %s", ", ".join(names) or "none")
                 stack.enter_context(fleet_proxy(
                     deploy.host, deploy.port, port, pki / "server/server.crt",
-                    pki / "server/server.key", pki / "ca/ca.crt", home / "proxy",
+                    pki / "server/server.key", pki / "ca/ca.crt", proxy_dir or home / "proxy",
                 ))
                 log.info("fleet API exposed on %s:%d (nginx); control and runtime APIs on "
                          "127.0.0.1:%d only", deploy.host, deploy.port, port)

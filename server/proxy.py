@@ -358,6 +358,52 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
             process.wait()
 
 
+PIDS_NAME = "nginx.pids"
+
+
+def _nginx_pids(master: int) -> list[int]:
+    """The master and its worker processes (children of the master)."""
+    pids = [master]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                    pids.append(int(proc.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return pids
+
+
+def _record_pids(work: Path, master: int) -> None:
+    """Remember master and worker pids: if the coordinator is killed with SIGKILL, the master
+    dies with it (PR_SET_PDEATHSIG) but nginx workers would keep the port open."""
+    deadline = time.monotonic() + 5
+    pids = _nginx_pids(master)
+    while len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = _nginx_pids(master)
+    (work / PIDS_NAME).write_text(" ".join(map(str, pids)) + "\n")
+
+
+def _kill_stale(work: Path) -> None:
+    """Kill nginx processes left by an earlier instance in ``work`` (after a crash)."""
+    path = work / PIDS_NAME
+    if not path.is_file():
+        return
+    for text in path.read_text().split():
+        pid = int(text)
+        try:
+            if (Path("/proc") / text / "cmdline").read_bytes().startswith(b"nginx:"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+        deadline = time.monotonic() + 5
+        while (Path("/proc") / text).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def fleet_proxy(listen_host: str, listen_port: int, upstream_port: int,
                 certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str],
@@ -370,12 +416,14 @@ def fleet_proxy(listen_host: str, listen_port: int, upstream_port: int,
     Writes ``workdir/nginx.conf``, checks it with ``nginx -t`` (RuntimeError with nginx's
     message), starts nginx in its own process group with output to ``workdir/nginx.log`` and
     waits until the port accepts connections (RuntimeError if nginx exits or ``startup_s``
-    passes). On exit nginx is stopped, also when the block raises or is interrupted.
+    passes). On exit nginx is stopped, also when the block raises or is interrupted. nginx
+    processes that an earlier, killed instance left in the same ``workdir`` are killed first.
     """
     nginx = find_nginx()
     work = Path(workdir).resolve()
     for sub in ("logs", "tmp"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    _kill_stale(work)
     config = work / CONFIG_NAME
     log = work / LOG_NAME
     config.write_text(render_nginx_config(
@@ -407,7 +455,9 @@ def fleet_proxy(listen_host: str, listen_port: int, upstream_port: int,
                 raise RuntimeError(f"nginx did not accept connections on {host}:{listen_port} "
                                    f"within {startup_s} s; see {log}")
             time.sleep(0.05)
+        _record_pids(work, process.pid)
         yield FleetProxy(process=process, host=listen_host, port=listen_port, workdir=work,
                          config=config, log=log)
     finally:
         _stop(process)
+        (work / PIDS_NAME).unlink(missing_ok=True)

@@ -205,7 +205,8 @@ def run_simulation(
             simulation_superlink(work / ".flwr", work / "logs" / "superlink.log")
             if deployment is None else
             deployment_superlink(work / ".flwr", deployment, work / ".flwr" / "link.db",
-                                 work / "logs" / "superlink.log")
+                                 work / "logs" / "superlink.log",
+                                 proxy_dir=runs_dir / f".nginx-{deployment.port}")
         )
         with link_cm as link:
             if deployment is not None:
@@ -275,7 +276,10 @@ def run_simulation(
     rejections: list[dict[str, Any]] = []
     sites: list[dict[str, Any]] = []
     validation: dict[str, Any] = {}
+    federated: dict[str, Any] = {}
     for arm, res in arm_results.items():
+        federated[arm] = {k: res.get(k) for k in ("aggregated_rounds", "resumed_after_round",
+                                                  "train_seconds")}
         external[arm] = _summary(res["external"])
         validation[arm] = res["validation"]
         history.extend(res["history"])
@@ -315,6 +319,7 @@ def run_simulation(
         "validation": validation,
         "sites": sites,
         "rejected_replies": rejections,
+        "federated": federated,
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
     write_json(work / "metrics.json", metrics)

@@ -160,8 +160,23 @@ class SiteAwareMixin:
         return out
 
     # --- screening and history -----------------------------------------------------------------
+    def _origin(self, msg: Message) -> int:
+        """The node a reply is about: its sender, or for an error the SuperLink generated
+        (e.g. "Node Unavailable"), the node the original message went to."""
+        src = msg.metadata.src_node_id
+        if src in self.site_names:
+            return src
+        return self._dst_of.get(msg.metadata.reply_to_message_id, src)
+
     def _site(self, msg: Message) -> str:
-        return self.site_names.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = self._origin(msg)
+        return self.site_names.get(node, f"node-{node}")
+
+    _dst_of: dict[str, int] = {}
+
+    def _sent(self, messages: list[Message]) -> None:
+        """Remember message id -> destination of what was just sent (ids are set on push)."""
+        self._dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
     def _received(self, server_round: int, msg: Message, kind: str, decision: str) -> None:
         content_ok = not msg.has_error()
@@ -185,7 +200,7 @@ class SiteAwareMixin:
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
                 continue
-            if msg.metadata.src_node_id not in set(self.training_nodes):
+            if self._origin(msg) not in set(self.training_nodes):
                 self._reject(server_round, msg, "reply from a node that is not a training site")
                 continue
             content = msg.content
@@ -293,6 +308,20 @@ class SiteAwareMixin:
             return None
         return super().aggregate_evaluate(server_round, good)  # type: ignore[misc]
 
+    def _note_missing(self, server_round: int, sent: list[Message], replies: list[Message],
+                      timeout: float) -> None:
+        """Sites that did not reply within the round timeout (a crashed or very slow site)."""
+        got = {self._origin(m) for m in replies}
+        for m in sent:
+            if m.metadata.dst_node_id not in got:
+                site = self.site_names.get(m.metadata.dst_node_id, "?")
+                reason = f"no reply within the round timeout ({timeout:.0f} s)"
+                log.warning("round %d: %s: %s", server_round, site, reason)
+                self.rejections.append({"arm": self.arm, "round": server_round, "site": site,
+                                        "reason": reason})
+                self.audit.record("timeout", arm=self.arm, round=server_round, type="train",
+                                  peer=site, decision=reason)
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -305,17 +334,18 @@ class SiteAwareMixin:
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             t0 = time.monotonic()
-            replies = grid.send_and_receive(
-                messages=self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
-                                              grid),
-                timeout=timeout)
+            sent = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
+                                             grid))
+            replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
+            self._sent(sent)
+            self._note_missing(rnd, sent, replies, timeout)
             new, _ = self.aggregate_train(rnd, replies)
             if new is not None:
                 arrays = new
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),
-                                                 grid),
-                timeout=timeout)
+            sent = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),
+                                                grid))
+            replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
+            self._sent(sent)
             self.aggregate_evaluate(rnd, replies)
             log.info("round %d/%d done in %.1f s", rnd, num_rounds, time.monotonic() - t0)
             if on_round_end is not None:

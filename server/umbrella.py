@@ -49,10 +49,16 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from hcc_fl.server.config import ConfigError, compose_config, to_yaml
-    from hcc_fl.server.simulate import run_simulation, summarise_run
+    from hcc_fl.server.simulate import resume_config, run_simulation, summarise_run
 
     try:
-        cfg = compose_config(args.overrides)
+        if args.resume:
+            if args.overrides:
+                raise ConfigError("--resume continues the run with its own configuration: "
+                                  "give no KEY=VALUE overrides")
+            cfg = resume_config(Path(args.resume))
+        else:
+            cfg = compose_config(args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Hydra overrides, e.g. federation.rounds=5 model=tiny seed=1")
     m.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    m.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (runs/NAME) after its last checkpointed "
+                   "round; finished arms are kept")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_simulate)
 

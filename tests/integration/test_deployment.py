@@ -3,8 +3,10 @@ processes (three training sites and the external site), ports chosen free at run
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,11 +14,57 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from hcc_fl.shared.audit import read_audit
 from tests.conftest import script
 
 SITES = {"site_A": "train", "site_B": "train", "site_C": "train", "site_EXT": "external"}
+# PHI canaries: planted in DICOM tags, the manifest and file paths; they must never leave a site
+# nor appear in any log, audit file, metrics, report or checkpoint.
+CANARY_NAME, CANARY_ID = "Zebulon^Canaryfield", "CANARY-7731"
+CANARIES = (CANARY_NAME, CANARY_ID, "Zebulon", "Canaryfield")
+
+
+def _rewrite_manifest(manifest: Path, row_index: int, old: str, new: str, pid: str) -> None:
+    with manifest.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows[row_index + 1] = [c.replace(old, new) for c in rows[row_index + 1]]
+    rows[row_index + 1][0] = pid
+    with manifest.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def plant_canaries(src: Path, dst: Path) -> Path:
+    """Copy a phantom and plant the canaries at every site: the first patient's DICOM
+    PatientName/PatientID, its manifest patient_id, and its folder name."""
+    shutil.copytree(src, dst)
+    for site in SITES:
+        manifest = dst / site / "manifest.csv"
+        with manifest.open(newline="") as fh:
+            first = next(csv.DictReader(fh))
+        old = f"patients/{first['patient_id']}/"
+        new = f"patients/{CANARY_NAME.replace('^', '_')}_{CANARY_ID}/"
+        (dst / site / old).rename(dst / site / new)
+        for f in (dst / site / new).rglob("*.dcm"):
+            ds = pydicom.dcmread(f)
+            ds.PatientName, ds.PatientID = CANARY_NAME, CANARY_ID
+            ds.save_as(f)
+        _rewrite_manifest(manifest, 0, old, new, CANARY_ID)
+    return dst
+
+
+def find_canaries(paths: list[Path], texts: dict[str, str]) -> list[str]:
+    """Where any canary occurs: files (bytes, recursively) and captured outputs."""
+    hits = []
+    needles = [c.encode() for c in CANARIES]
+    for root in paths:
+        for f in [root] if root.is_file() else sorted(root.rglob("*")):
+            if f.is_file() and any(n in f.read_bytes() for n in needles):
+                hits.append(str(f))
+    hits += [name for name, text in texts.items() if any(c in text for c in CANARIES)]
+    return hits
 
 
 def _free_port() -> int:
@@ -49,6 +97,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[dict[str, object]]:
     work = tmp_path_factory.mktemp("deploy")
+    phantom = plant_canaries(small_phantom, work / "phantom")
     pki = work / "pki"
     subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
                    capture_output=True, timeout=60)
@@ -76,21 +125,21 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
                 break
             assert time.monotonic() < deadline, "coordinator did not start"
         # an unregistered key is refused by the SuperLink
-        bad = _site_yaml(work, "intruder", "train", small_phantom / "site_A" / "manifest.csv",
+        bad = _site_yaml(work, "intruder", "train", phantom / "site_A" / "manifest.csv",
                          port, pki / "ca" / "ca.crt", other / "sites/intruder/intruder.key")
         intruder = subprocess.run([script("hcc-fl-client"), "--site-config", str(bad)],
                                   capture_output=True, text=True, timeout=120)
         plain = work / "plaintext.yaml"  # no TLS against the TLS coordinator
         plain.write_text(
             f"site: site_A\nrole: train\ntask: ki67_ceus\n"
-            f"manifest: {small_phantom / 'site_A' / 'manifest.csv'}\n"
+            f"manifest: {phantom / 'site_A' / 'manifest.csv'}\n"
             f"coordinator: 127.0.0.1:{port}\ninsecure: true\nmax_retries: 2\n"
             f"runtime_port: {_free_port()}\n"
         )
         plaintext = subprocess.run([script("hcc-fl-client"), "--site-config", str(plain)],
                                    capture_output=True, text=True, timeout=120)
         for site, role in SITES.items():
-            cfg = _site_yaml(work, site, role, small_phantom / site / "manifest.csv", port,
+            cfg = _site_yaml(work, site, role, phantom / site / "manifest.csv", port,
                              pki / "sites" / site / "ca.crt",
                              pki / "sites" / site / f"{site}.key")
             clients.append(subprocess.Popen(
@@ -99,8 +148,13 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
                 start_new_session=True,
             ))
         out, _ = server.communicate(timeout=1200)
+        site_out = {}
+        for site, proc in zip(SITES, clients, strict=True):
+            _stop(proc)
+            site_out[site] = proc.stdout.read() if proc.stdout else ""
         yield {"work": work, "server_rc": server.returncode, "server_out": out,
-               "intruder": intruder, "plaintext": plaintext, "run": work / "runs" / "deploy"}
+               "intruder": intruder, "plaintext": plaintext, "run": work / "runs" / "deploy",
+               "phantom": phantom, "site_out": site_out}
     finally:
         for proc in [*clients, server]:
             _stop(proc)
@@ -123,6 +177,49 @@ def test_tls_deployment_completes(deployment: dict[str, object]) -> None:
 
 
 @pytest.mark.slow
+def test_no_phi_leaves_a_site(deployment: dict[str, object], tmp_path: Path) -> None:
+    """The canaries are in the data (else this test proves nothing), and nowhere else: not in
+    the run directory (metrics, report, history, models, checkpoints, coordinator logs and
+    audit), not in the sites' audit logs and state, not in any process's output."""
+    work, run, phantom = deployment["work"], deployment["run"], deployment["phantom"]
+    assert isinstance(work, Path) and isinstance(run, Path) and isinstance(phantom, Path)
+    assert find_canaries([phantom], {}), "the canaries were not planted"
+    states = sorted(work.glob(".hcc-fl-*"))
+    assert {p.name for p in states} >= {f".hcc-fl-{s}" for s in SITES}
+    for s in SITES:
+        assert any(e["event"] == "sent" for e in read_audit(work / f".hcc-fl-{s}" /
+                                                              "audit.jsonl")), s
+    assert (run / "logs" / "audit-coordinator.jsonl").is_file()
+    assert (run / "checkpoints" / "fedavg.pt").is_file()
+    site_out = deployment["site_out"]
+    assert isinstance(site_out, dict)
+    texts = {"coordinator output": str(deployment["server_out"]),
+             **{f"{k} output": v for k, v in site_out.items()}}
+    assert find_canaries([run, *states], texts) == []
+
+    # a file that cannot be read, in a folder named after the patient: the site refuses to
+    # start and says where (manifest, line, column) without echoing the path or identifiers
+    broken = tmp_path / "site_B"
+    shutil.copytree(phantom / "site_B", broken)
+    folder = broken / "patients" / f"{CANARY_NAME.replace('^', '_')}_{CANARY_ID}"
+    (folder / "broken.dcm").write_bytes(b"this is not DICOM")
+    _rewrite_manifest(broken / "manifest.csv", 0, "ceus_cine.dcm", "broken.dcm", CANARY_ID)
+    cfg = tmp_path / "site_B.yaml"
+    cfg.write_text(f"site: site_B\nrole: train\ntask: ki67_ceus\nmanifest: "
+                   f"{broken / 'manifest.csv'}\ncoordinator: 127.0.0.1:9\ninsecure: true\n")
+    res = subprocess.run([script("hcc-fl-client"), "--site-config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "line 2, column 'ceus_cine': not a readable DICOM file" in res.stderr, res.stderr
+    check = subprocess.run([script("hcc-fl-client"), "check-data", "--manifest",
+                            str(broken / "manifest.csv"), "--task", "ki67_ceus"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "line 2" in check.stderr
+    assert find_canaries([], {"site output": res.stdout + res.stderr,
+                              "check-data output": check.stdout + check.stderr}) == []
+
+
+@pytest.mark.slow
 def test_unregistered_site_key_is_refused(deployment: dict[str, object]) -> None:
     res = deployment["intruder"]
     assert isinstance(res, subprocess.CompletedProcess)
@@ -140,11 +237,11 @@ def test_plaintext_client_is_refused(deployment: dict[str, object]) -> None:
 
 
 @pytest.mark.slow
-def test_deployment_equals_simulation(deployment: dict[str, object], small_phantom: Path,
-                                      tmp_path: Path) -> None:
+def test_deployment_equals_simulation(deployment: dict[str, object], tmp_path: Path) -> None:
     """Same configuration, same seed: the TLS deployment and the simulation agree."""
+    phantom = deployment["phantom"]
     out = subprocess.run(
-        [script("hcc-fl"), "simulate", f"data_root={small_phantom}", f"runs_dir={tmp_path}",
+        [script("hcc-fl"), "simulate", f"data_root={phantom}", f"runs_dir={tmp_path}",
          "run_name=sim", "strategy=fedavg", "federation.rounds=2",
          "baselines.centralized=false", "baselines.local=false", "--quiet"],
         capture_output=True, text=True, timeout=900,

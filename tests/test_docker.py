@@ -1,0 +1,45 @@
+"""docker/ stays consistent with the package (no Docker engine runs here, so the files are
+checked, not built): entry points exist, images run as non-root, data and keys are read-only."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def _entry(dockerfile: str) -> list[str]:
+    text = (REPO / "docker" / dockerfile).read_text()
+    m = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+    assert m, dockerfile
+    return yaml.safe_load(m.group(1))  # type: ignore[no-any-return]
+
+
+def test_images_run_installed_console_scripts_as_non_root() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, script in (("Dockerfile.server", "hcc-fl-server"),
+                         ("Dockerfile.client", "hcc-fl-client")):
+        text = (REPO / "docker" / name).read_text()
+        assert _entry(name)[0] == script and script in scripts
+        assert re.search(r"^USER hccfl$", text, re.M), name
+        assert "torch==2.13.0" in text and "/tmp/*.whl" in text  # the built wheel, CPU torch
+    assert "nginx-light" in (REPO / "docker" / "Dockerfile.server").read_text()
+    assert _entry("Dockerfile.client")[1:3] == ["--site-config", "/site/site.yaml"]
+
+
+def test_compose_mounts_keys_and_data_read_only() -> None:
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    sites = {k for k in services if k != "coordinator"}
+    assert sites == {"site_A", "site_B", "site_C", "site_EXT"}
+    for name in sites:
+        vols = services[name]["volumes"]
+        assert any(v.endswith(":/site:ro") for v in vols), name
+        assert any(v.endswith(":/data:ro") for v in vols), name
+    assert "../pki:/pki:ro" in services["coordinator"]["volumes"]
+    assert services["coordinator"]["ports"] == ["9092:9092"]
+    script = (REPO / "docker" / "make-site-configs.sh").read_text()
+    assert "coordinator: coordinator:9092" in script
