@@ -62,7 +62,8 @@ def _run_site(args: argparse.Namespace) -> int:
     audit = cfg.audit_log or home / "audit.jsonl"
     exe = str(Path(sys.executable).parent / "flower-supernode")
     node_config = (f'manifest="{cfg.manifest}" site="{cfg.site}" role="{cfg.role}" '
-                   f'task="{cfg.task}" audit="{audit}"')
+                   f'task="{cfg.task}" audit="{audit}" state="{home}" '
+                   f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget}')
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
     if cfg.max_retries > 0:

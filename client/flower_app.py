@@ -25,8 +25,16 @@ from flwr.clientapp import ClientApp
 
 from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import validation_metrics
+from hcc_fl.client.privacy import (
+    PrivacyConfig,
+    PrivacyLedger,
+    RunAccountant,
+    dp_train_round,
+    noise_for_target,
+    planned_steps,
+)
 from hcc_fl.client.statistics import external_report, validation_placements, validation_sums
-from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.client.train import TrainConfig, resolve_device, train_one_round
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 from hcc_fl.shared.errors import DataError
@@ -164,10 +172,80 @@ def site_info(msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.INFO: info, R.METRICS: counts}), reply_to=msg)
 
 
+def _privacy(context: Context, site: SiteContext) -> tuple[PrivacyConfig, Path, float | None]:
+    """The run's privacy settings, this site's privacy folder and its total budget."""
+    rc, nc = context.run_config, context.node_config
+
+    def opt(key: str) -> float | None:
+        value = float(cast(Any, rc.get(key, -1.0)))
+        return None if value < 0 else value
+
+    cfg = PrivacyConfig.from_dict({
+        "mode": str(rc.get("privacy-mode", "none")),
+        "target_epsilon": opt("privacy-target-epsilon"),
+        "noise_multiplier": opt("privacy-noise-multiplier"), "delta": opt("privacy-delta"),
+        "max_grad_norm": opt("privacy-max-grad-norm") or 1.0,
+        "sample_rate": opt("privacy-sample-rate"),
+    })
+    if nc.get("state"):  # deployment: the site's own state folder and budget
+        folder = Path(str(nc["state"])) / "privacy"
+        budget = float(cast(Any, nc.get("privacy-budget", -1.0)))
+    else:  # simulation: inside the run directory, budget from the run config
+        folder = Path(str(rc["privacy-dir"])) / site.name
+        budget = float(cast(Any, rc.get("privacy-site-budget", -1.0)))
+    return cfg, folder, (None if budget < 0 else budget)
+
+
+def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context: Context,
+              tc: TrainConfig, server_round: int) -> tuple[float, int, float, float]:
+    """One DP-SGD round; returns (loss, n, epsilon spent by this run so far, delta)."""
+    cfg, folder, budget = _privacy(context, site)
+    rc = context.run_config
+    n = len(data)
+    q = cfg.rate_for(n, tc.batch_size)
+    delta = cfg.delta_for(n)
+    steps = planned_steps(n, q, tc.epochs, int(_num(rc, "rounds")))
+    sigma = (cfg.noise_multiplier if cfg.noise_multiplier is not None
+             else noise_for_target(float(cfg.target_epsilon or 0), delta, q, steps))
+    run = str(rc["run-key"])
+    planned = RunAccountant(folder / "unused")
+    planned.add(sigma, q, steps)
+    ledger = PrivacyLedger(folder / "ledger.json", budget)
+    ledger.reserve(data.manifest_sha256, run, planned.epsilon(delta), delta)  # or refuse
+    acc_path = folder / "runs" / (run.replace("/", "__") + ".json")
+    acc = RunAccountant.load(acc_path)
+    n_pos = float(data.label.sum())
+    loss_fn = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor([(n - n_pos) / max(n_pos, 1.0)]))
+    gen = torch.Generator().manual_seed(tc.seed + 7)
+
+    def batch(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        video = data.video[idx]
+        if tc.augment:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            video = torch.where(flip[:, None, None, None, None], video.flip(-1), video)
+            video = video + torch.randn(video.shape, generator=gen) * 0.05
+        return (video, data.clinical[idx]), data.label[idx]
+
+    out = dp_train_round(model, n, batch, loss_fn, epochs=tc.epochs, lr=tc.lr,
+                         weight_decay=tc.weight_decay, noise_multiplier=sigma,
+                         max_grad_norm=cfg.max_grad_norm, sample_rate=q, seed=tc.seed,
+                         proximal_mu=tc.proximal_mu, device=resolve_device(tc.device))
+    acc.add(out.noise_multiplier, out.sample_rate, out.steps)
+    acc.rounds_done.append(server_round)
+    acc.save()
+    eps = acc.epsilon(delta)
+    ledger.record(data.manifest_sha256, run, eps)
+    log.info("site %s round %d: DP-SGD sigma %.3f, q %.3f, %d steps; epsilon so far %.3f "
+             "(delta %.2g)", site.name, server_round, sigma, q, out.steps, eps, delta)
+    return out.loss, out.n_examples, eps, delta
+
+
 @app.train()
 @_guarded("train")
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model for the configured local epochs on the train split."""
+    """Train the received global model for the configured local epochs on the train split
+    (with DP-SGD when the run's privacy mode is ``dp``)."""
     site = resolve_site(context)
     if site.role != R.ROLE_TRAIN:
         log.warning("site %s is evaluation-only: training message refused", site.name)
@@ -177,23 +255,26 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(msg, context)
     data = _load(site, context, ("train",))
     server_round = int(_num(cfg, "server-round", 0))
-    outcome = train_one_round(
-        model,
-        data,
-        TrainConfig(
-            epochs=int(_num(cfg, "local-epochs")),
-            batch_size=int(_num(cfg, "batch-size")),
-            lr=_num(cfg, "lr"),
-            weight_decay=_num(cfg, "weight-decay"),
-            proximal_mu=_num(cfg, "proximal-mu", 0.0),
-            seed=int(_num(rc, "seed")) * 100003 + server_round * 101
-            + zlib.crc32(site.name.encode()),
-            device=str(rc.get("device", "cpu")),
-        ),
+    tc = TrainConfig(
+        epochs=int(_num(cfg, "local-epochs")),
+        batch_size=int(_num(cfg, "batch-size")),
+        lr=_num(cfg, "lr"),
+        weight_decay=_num(cfg, "weight-decay"),
+        proximal_mu=_num(cfg, "proximal-mu", 0.0),
+        seed=int(_num(rc, "seed")) * 100003 + server_round * 101
+        + zlib.crc32(site.name.encode()),
+        device=str(rc.get("device", "cpu")),
     )
-    metrics = MetricRecord({"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples})
+    values: dict[str, int | float | list[int] | list[float]]
+    if str(rc.get("privacy-mode", "none")) == "dp":
+        loss, n, eps, delta = _train_dp(model, data, site, context, tc, server_round)
+        values = {"train-loss": loss, R.NUM_EXAMPLES: n, "dp-epsilon": eps, "dp-delta": delta}
+    else:
+        outcome = train_one_round(model, data, tc)
+        values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
     return Message(
-        RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: metrics}), reply_to=msg
+        RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: MetricRecord(values)}),
+        reply_to=msg,
     )
 
 

@@ -12,6 +12,7 @@
     max_retries: 0                      # connection attempts before giving up (0 = no limit)
     allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
+    privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -44,6 +45,7 @@ class SiteConfig:
     max_retries: int = 0
     allowed_code_versions: tuple[str, ...] = ()
     audit_log: Path | None = None
+    privacy_budget: float | None = None
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -89,6 +91,11 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
     except (TypeError, ValueError) as exc:
         raise DataError.single(path, f"runtime_port and max_retries must be integers ({exc})",
                                column="runtime_port") from exc
+    budget = raw.get("privacy_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or budget <= 0):
+        raise DataError.single(path, f"must be a positive number (total epsilon), got {budget!r}",
+                               column="privacy_budget")
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -97,6 +104,7 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         insecure=insecure, runtime_port=runtime_port, max_retries=max_retries,
         allowed_code_versions=tuple(allowed),
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
+        privacy_budget=None if budget is None else float(budget),
     )
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():

@@ -68,5 +68,16 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise ConfigError("strategy.arms: each strategy may appear once")
     if cfg["evaluation"]["threshold_split"] not in ("val", "train", "all"):
         raise ConfigError("evaluation.threshold_split must be val, train or all")
+    from hcc_fl.client.privacy import PrivacyConfig, PrivacyError, check_dp_loss
+
+    try:
+        privacy = PrivacyConfig.from_dict(cfg.get("privacy"))
+        if privacy.mode == "dp":
+            check_dp_loss(str(cfg["task"].get("loss", "bce")))
+    except PrivacyError as exc:
+        raise ConfigError(str(exc)) from exc
+    if privacy.mode == "central-dp":
+        raise ConfigError("privacy.mode central-dp is not available in this release (local DP: "
+                          "privacy=dp)")
     if cfg["model"]["profile"] not in ("tiny", "full"):
         raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")

@@ -284,7 +284,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
     )
     train_seconds = done_seconds + time.monotonic() - t0
     if not strategy.aggregated_rounds:  # type: ignore[attr-defined]
-        raise FederationError(f"{arm}: no round produced a model (every round failed)")
+        reasons = sorted({r["reason"] for r in strategy.rejections})  # type: ignore[attr-defined]
+        raise FederationError(f"{arm}: no round produced a model (every round failed); the "
+                              f"sites said: {' | '.join(reasons)[:1500] or 'nothing'}")
     model.load_state_dict(final.to_torch_state_dict())
 
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))

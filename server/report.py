@@ -272,7 +272,7 @@ def build_report(run_dir: Path) -> str:
         ["rounds x local epochs", f"{fed['rounds']} x {fed['local_epochs']}"],
         ["baselines", html.escape(", ".join(a for a in ext if a not in
                                             [x["name"] for x in cfg["strategy"]["arms"]]))],
-        ["privacy", "no differential privacy; no secure aggregation (plain FedAvg sums)"],
+        ["privacy", html.escape(_privacy_text(metrics.get("privacy") or {}))],
         ["seed", str(cfg["seed"])],
         ["code version", html.escape(metrics.get("code_version", ""))],
     ]
@@ -291,6 +291,21 @@ def build_report(run_dir: Path) -> str:
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>hcc-fl report {html.escape(metrics['run_name'])}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
+
+
+def _privacy_text(privacy: dict[str, Any]) -> str:
+    """One line for the model card: the DP mode and the epsilon each site spent."""
+    if privacy.get("mode", "none") != "dp":
+        return "no differential privacy; no secure aggregation (plain FedAvg sums)"
+    spent = "; ".join(
+        f"{arm}: " + ", ".join(f"{site} eps={v['epsilon']:.2f} (delta={v['delta']:.1e})"
+                              for site, v in sorted(sites.items()))
+        for arm, sites in privacy.get("epsilon", {}).items())
+    cfg = privacy.get("config", {})
+    how = (f"target eps {cfg.get('target_epsilon')} per run" if cfg.get("target_epsilon")
+           else f"noise multiplier {cfg.get('noise_multiplier')}")
+    return (f"local DP-SGD (Opacus, RDP accountant), {how}, clip {cfg.get('max_grad_norm')}; "
+            f"spent: {spent or 'n/a'}; baselines are not private; no secure aggregation")
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:

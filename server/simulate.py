@@ -98,8 +98,40 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "seed": int(cfg["seed"]),
         "code-version": code_version(),
         "audit-path": str(run_dir / "logs" / "audit-coordinator.jsonl"),
+        "rounds": int(fed["rounds"]),
+        "local-epochs": int(fed["local_epochs"]),
+        "batch-size": int(cfg["model"]["batch_size"]),
+        "run-key": f"{cfg.get('run_name')}-{cfg.get('run_uid', 'x')}/{arm}",
+        "privacy-dir": str(run_dir / "privacy"),
+        **_privacy_run_config(cfg.get("privacy") or {"mode": "none"}),
         "resume": bool(cfg.get("_resume", False)),
     }
+
+
+def _privacy_run_config(privacy: dict[str, Any]) -> dict[str, Any]:
+    """The privacy block as flat run-config keys (-1 stands for "not set")."""
+
+    def num(key: str) -> float:
+        value = privacy.get(key)
+        return -1.0 if value is None else float(value)
+
+    return {"privacy-mode": str(privacy.get("mode", "none")),
+            "privacy-target-epsilon": num("target_epsilon"),
+            "privacy-noise-multiplier": num("noise_multiplier"),
+            "privacy-delta": num("delta"), "privacy-max-grad-norm": num("max_grad_norm"),
+            "privacy-sample-rate": num("sample_rate"),
+            "privacy-site-budget": num("site_budget")}
+
+
+def _privacy_summary(cfg: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mode, settings and the epsilon each site spent per federated arm (last round seen)."""
+    privacy = dict(cfg.get("privacy") or {"mode": "none"})
+    spent: dict[str, dict[str, dict[str, float]]] = {}
+    for h in history:
+        if "dp_epsilon" in h:
+            spent.setdefault(h["arm"], {})[h["site"]] = {
+                "epsilon": h["dp_epsilon"], "delta": h["dp_delta"], "round": h["round"]}
+    return {"mode": privacy.get("mode", "none"), "config": privacy, "epsilon": spent}
 
 
 def _compare_arms(
@@ -189,7 +221,11 @@ def run_simulation(
         if work.exists():
             shutil.rmtree(work)
         (work / "logs").mkdir(parents=True)
-        cfg = {**cfg, "data_root": str(data_root), "run_name": name}
+        import uuid
+
+        # run_uid keys the sites' privacy accountants and ledger entries; it survives --resume
+        cfg = {**cfg, "data_root": str(data_root), "run_name": name,
+               "run_uid": uuid.uuid4().hex[:12]}
         (work / "config.yaml").write_text(to_yaml(cfg))
         (work / "config.json").write_text(json.dumps(cfg, indent=2))
     timing: dict[str, float] = {}
@@ -320,6 +356,7 @@ def run_simulation(
         "sites": sites,
         "rejected_replies": rejections,
         "federated": federated,
+        "privacy": _privacy_summary(cfg, history),
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
     write_json(work / "metrics.json", metrics)

@@ -269,11 +269,15 @@ class SiteAwareMixin:
         for msg in good:
             self._received(server_round, msg, "train", "accepted")
             metrics = next(iter(msg.content.metric_records.values()))
-            self.history.append({
+            entry = {
                 "arm": self.arm, "round": server_round, "site": self._site(msg),
                 "phase": "train", "train_loss": float(metrics["train-loss"]),  # type: ignore[arg-type]
                 "n": int(metrics[R.NUM_EXAMPLES]),  # type: ignore[arg-type]
-            })
+            }
+            if "dp-epsilon" in metrics:  # local DP: epsilon this run has spent at the site
+                entry["dp_epsilon"] = float(metrics["dp-epsilon"])  # type: ignore[arg-type]
+                entry["dp_delta"] = float(metrics["dp-delta"])  # type: ignore[arg-type]
+            self.history.append(entry)
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if arrays is not None:
             self.aggregated_rounds.append(server_round)
