@@ -272,6 +272,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         outcome = train_one_round(model, data, tc)
         values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
+        if str(rc.get("privacy-mode", "none")) == "central-dp":
+            values["unit-weight"] = 1.0  # central DP averages the sites with equal weights
     return Message(
         RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: MetricRecord(values)}),
         reply_to=msg,
@@ -287,6 +289,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise PermissionError(f"site {site.name} is external: per-round validation refused")
     model = _model(msg, context)
     m = validation_metrics(model, _load(site, context, ("val",)), str(context.run_config["device"]))
+    if str(context.run_config.get("privacy-mode", "none")) == "central-dp":
+        m["unit-weight"] = 1.0  # the strategy's weighting key under central DP
     return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
 
 

@@ -68,6 +68,12 @@ class PrivacyConfig:
         """Reject settings that cannot give a guarantee, naming the key."""
         if self.mode not in MODES:
             raise PrivacyError(f"privacy.mode must be one of {', '.join(MODES)}, not {self.mode}")
+        if self.mode == "central-dp":
+            if self.noise_multiplier is None or not self.noise_multiplier > 0:
+                raise PrivacyError("privacy.noise_multiplier must be > 0 for central-dp")
+            if not self.max_grad_norm > 0:
+                raise PrivacyError("privacy.max_grad_norm (the update clipping norm) must be > 0")
+            return
         if self.mode != "dp":
             return
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

@@ -76,8 +76,5 @@ def check_config(cfg: dict[str, Any]) -> None:
             check_dp_loss(str(cfg["task"].get("loss", "bce")))
     except PrivacyError as exc:
         raise ConfigError(str(exc)) from exc
-    if privacy.mode == "central-dp":
-        raise ConfigError("privacy.mode central-dp is not available in this release (local DP: "
-                          "privacy=dp)")
     if cfg["model"]["profile"] not in ("tiny", "full"):
         raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from hcc_fl.server.strategy import (
     CHECKPOINT_VERSION,
+    CentralDP,
     build_strategy,
     load_checkpoint,
     save_checkpoint,
@@ -238,7 +239,10 @@ def run_arm(grid_: Grid, context: Context) -> None:
 
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["task"]["name"], cfg["model"]["profile"])
-    strategy = build_strategy(arm, len(train_nodes), float(arm_cfg.get("proximal_mu", 0.0)))
+    privacy = cfg.get("privacy") or {"mode": "none"}
+    central_dp = privacy.get("mode") == "central-dp"
+    strategy = build_strategy(arm, len(train_nodes), float(arm_cfg.get("proximal_mu", 0.0)),
+                              equal_weights=central_dp)
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
@@ -246,6 +250,12 @@ def run_arm(grid_: Grid, context: Context) -> None:
         training_sites=training,
     )
     strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
+    if central_dp:
+        m = len(training)
+        strategy.central = CentralDP(  # type: ignore[attr-defined]
+            strategy, float(privacy["noise_multiplier"]), float(privacy["max_grad_norm"]), m,
+            float(privacy["delta"]) if privacy.get("delta") else 1.0 / (10.0 * m),
+            float(privacy["target_epsilon"]) if privacy.get("target_epsilon") else None)
     train_config = ConfigRecord({
         "local-epochs": int(fed["local_epochs"]),
         "batch-size": int(cfg["model"]["batch_size"]),
@@ -307,6 +317,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "train_seconds": train_seconds,
         "resumed_after_round": first_round - 1 if first_round > 1 else None,
         "aggregated_rounds": strategy.aggregated_rounds,  # type: ignore[attr-defined]
+        "central_dp": (strategy.central.summary()  # type: ignore[attr-defined]
+                       if central_dp else None),
         "threshold": threshold,
         "validation": validation,
         "external": external_stats,

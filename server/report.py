@@ -295,6 +295,14 @@ def build_report(run_dir: Path) -> str:
 
 def _privacy_text(privacy: dict[str, Any]) -> str:
     """One line for the model card: the DP mode and the epsilon each site spent."""
+    if privacy.get("mode") == "central-dp":
+        return "central DP (server-side clipping, Flower): " + "; ".join(
+            f"{arm}: sigma={c['noise_multiplier']}, clip={c['clipping_norm']}, "
+            f"{c['releases']} noisy rounds, site-level eps={c['epsilon']:.2f} "
+            f"(delta={c['delta']:.1e})"
+            + (f", stopped before round {c['stopped_before_round']} (budget)"
+               if c.get("stopped_before_round") else "")
+            for arm, c in privacy.get("central", {}).items()) + "; no secure aggregation"
     if privacy.get("mode", "none") != "dp":
         return "no differential privacy; no secure aggregation (plain FedAvg sums)"
     spent = "; ".join(

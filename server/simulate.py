@@ -123,7 +123,8 @@ def _privacy_run_config(privacy: dict[str, Any]) -> dict[str, Any]:
             "privacy-site-budget": num("site_budget")}
 
 
-def _privacy_summary(cfg: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+def _privacy_summary(cfg: dict[str, Any], history: list[dict[str, Any]],
+                     arm_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mode, settings and the epsilon each site spent per federated arm (last round seen)."""
     privacy = dict(cfg.get("privacy") or {"mode": "none"})
     spent: dict[str, dict[str, dict[str, float]]] = {}
@@ -131,7 +132,9 @@ def _privacy_summary(cfg: dict[str, Any], history: list[dict[str, Any]]) -> dict
         if "dp_epsilon" in h:
             spent.setdefault(h["arm"], {})[h["site"]] = {
                 "epsilon": h["dp_epsilon"], "delta": h["dp_delta"], "round": h["round"]}
-    return {"mode": privacy.get("mode", "none"), "config": privacy, "epsilon": spent}
+    return {"mode": privacy.get("mode", "none"), "config": privacy, "epsilon": spent,
+            "central": {arm: res["central_dp"] for arm, res in arm_results.items()
+                        if res.get("central_dp")}}
 
 
 def _compare_arms(
@@ -356,7 +359,7 @@ def run_simulation(
         "sites": sites,
         "rejected_replies": rejections,
         "federated": federated,
-        "privacy": _privacy_summary(cfg, history),
+        "privacy": _privacy_summary(cfg, history, arm_results),
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
     }
     write_json(work / "metrics.json", metrics)

@@ -65,11 +65,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+class CentralDP:
+    """Central DP with Flower's ``DifferentialPrivacyServerSideFixedClipping``: each site's
+    update is clipped to ``clip`` in L2 at the coordinator, the updates are averaged with equal
+    weights, and Gaussian noise of std ``sigma * clip / m`` is added to the average. Accounting
+    (Opacus' RDP accountant, every site every round, so no subsampling) gives site-level
+    (epsilon, delta) per release; a run stops before a round that would exceed ``budget``."""
+
+    def __init__(self, inner: Any, sigma: float, clip: float, m: int, delta: float,
+                 budget: float | None) -> None:
+        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+        self.wrapper = DifferentialPrivacyServerSideFixedClipping(
+            inner, noise_multiplier=sigma, clipping_norm=clip, num_sampled_clients=m)
+        self.sigma, self.clip, self.m, self.delta, self.budget = sigma, clip, m, delta, budget
+        self.releases = 0
+        self.stopped_before_round: int | None = None
+
+    def epsilon(self, releases: int) -> float:
+        """Site-level epsilon after ``releases`` noisy aggregates."""
+        if releases <= 0:
+            return 0.0
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+        acc.history = [(self.sigma, 1.0, releases)]
+        return float(acc.get_epsilon(self.delta))
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json reports."""
+        return {"noise_multiplier": self.sigma, "clipping_norm": self.clip, "sites": self.m,
+                "delta": self.delta, "budget": self.budget, "releases": self.releases,
+                "epsilon": self.epsilon(self.releases),
+                "stopped_before_round": self.stopped_before_round}
+
+
 class SiteAwareMixin:
     """Restricts rounds to training sites, screens replies, records per-site history."""
 
     arrayrecord_key: str
     insecure: bool = False
+    central: CentralDP | None = None
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -99,13 +135,16 @@ class SiteAwareMixin:
         with a server optimiser, its moments (any numpy attributes named ``m_t``/``v_t``)."""
         extra = {k: getattr(self, k) for k in ("m_t", "v_t") if getattr(self, k, None) is not None}
         return {"history": list(self.history), "rejections": list(self.rejections),
-                "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra}
+                "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra,
+                "central_releases": self.central.releases if self.central else 0}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state`."""
         self.history = list(state["history"])
         self.rejections = list(state["rejections"])
         self.aggregated_rounds = list(state["aggregated_rounds"])
+        if self.central is not None:
+            self.central.releases = int(state.get("central_releases", 0))
         for k, v in state.get("optimizer", {}).items():
             setattr(self, k, v)
 
@@ -334,16 +373,29 @@ class SiteAwareMixin:
     ) -> ArrayRecord:
         """Rounds ``first_round..num_rounds``: train, aggregate, validate, then
         ``on_round_end(round, global_arrays)`` (the checkpoint). Returns the final arrays."""
+        central = self.central
+        driver: Any = central.wrapper if central is not None else self
         for rnd in range(first_round, num_rounds + 1):
+            if central is not None and central.budget is not None and \
+                    central.epsilon(central.releases + 1) > central.budget:
+                central.stopped_before_round = rnd
+                log.warning("central DP budget epsilon=%g would be exceeded by round %d: the "
+                            "run stops and keeps the rounds done so far", central.budget, rnd)
+                self.audit.record("budget-exhausted", arm=self.arm, round=rnd)
+                break
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             t0 = time.monotonic()
-            sent = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
-                                             grid))
+            sent = list(driver.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
+                                               grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
             self._sent(sent)
             self._note_missing(rnd, sent, replies, timeout)
-            new, _ = self.aggregate_train(rnd, replies)
+            if central is not None:  # screen first: Flower's clipping needs clean replies
+                replies = self._screen_train(rnd, replies)
+            new, _ = driver.aggregate_train(rnd, replies)
+            if central is not None and new is not None:
+                central.releases += 1
             if new is not None:
                 arrays = new
             sent = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),
@@ -365,9 +417,14 @@ class HccFedProx(SiteAwareMixin, FedProx):
     """FedProx: FedAvg aggregation; the sites add ``mu/2 ||w - w_global||^2`` to their loss."""
 
 
-def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0) -> FedAvg:
-    """Build a strategy by name (``fedavg`` or ``fedprox``) for ``n_training`` sites."""
+def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
+                   equal_weights: bool = False) -> FedAvg:
+    """Build a strategy by name (``fedavg`` or ``fedprox``) for ``n_training`` sites.
+
+    ``equal_weights`` averages the sites' updates with equal weights (central DP's sensitivity
+    analysis assumes it): the sites then send ``unit-weight = 1``."""
     common: dict[str, Any] = {
+        "weighted_by_key": "unit-weight" if equal_weights else R.NUM_EXAMPLES,
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
         "min_train_nodes": 1,

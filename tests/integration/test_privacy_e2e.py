@@ -48,3 +48,23 @@ def test_site_budget_below_the_run_refuses_training(small_phantom: Path, tmp_pat
     assert out.returncode == 1
     assert "privacy budget exceeded" in out.stderr and "total epsilon 3" in out.stderr
     assert not (tmp_path / "over").exists()
+
+
+@pytest.mark.slow
+def test_central_dp_stops_at_its_budget_and_keeps_the_rounds(small_phantom: Path,
+                                                             tmp_path: Path) -> None:
+    """sigma 1, 3 sites, delta 1/30: epsilon 2.24, 3.64, 4.86 after 1, 2, 3 noisy rounds, so a
+    budget of 4 allows two of three rounds; the run ends with those two."""
+    out = subprocess.run(
+        [script("hcc-fl"), "simulate", f"data_root={small_phantom}", f"runs_dir={tmp_path}",
+         "run_name=cdp", "strategy=fedavg", "federation.rounds=3", "baselines.centralized=false",
+         "baselines.local=false", "privacy=central-dp", "privacy.target_epsilon=4", "--quiet"],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "cdp" / "metrics.json").read_text())
+    central = m["privacy"]["central"]["fedavg"]
+    assert central["releases"] == 2 and central["stopped_before_round"] == 3
+    assert central["epsilon"] == pytest.approx(3.643, abs=1e-3) and central["epsilon"] <= 4
+    assert m["federated"]["fedavg"]["aggregated_rounds"] == [1, 2]
+    assert m["external"]["fedavg"]["n"] == 10  # the kept model was evaluated
+    assert "stopped before round 3 (budget)" in (tmp_path / "cdp" / "report.html").read_text()
