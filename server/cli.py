@@ -22,9 +22,9 @@ Sites connect with `hcc-fl-client --site-config SITE.yaml`.
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hcc_fl.server.config import ConfigError, compose_config
+    from hcc_fl.server.config import ConfigError
     from hcc_fl.server.flower_runtime import Deployment
-    from hcc_fl.server.simulate import resume_config, run_simulation, summarise_run
+    from hcc_fl.server.simulate import experiment_config, run_simulation, summarise_run
 
     if not args.insecure and not args.pki:
         print("error: TLS certificates are required: pass --pki DIR (created by "
@@ -35,13 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"{args.host}:{args.port} can join or read updates. Use only for local tests.",
               file=sys.stderr)
     try:
-        if args.resume:
-            if args.overrides:
-                raise ConfigError("--resume continues the run with its own configuration: "
-                                  "give no KEY=VALUE overrides")
-            cfg = resume_config(Path(args.resume))
-        else:
-            cfg = compose_config(args.overrides)
+        cfg = experiment_config(args.overrides, args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

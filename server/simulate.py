@@ -183,6 +183,19 @@ def resume_config(run_dir: Path) -> dict[str, Any]:
     return {**cfg, "_resume": True}
 
 
+def experiment_config(overrides: list[str], resume: str | None) -> dict[str, Any]:
+    """The configuration to run: composed from ``overrides``, or an interrupted run's own
+    (``--resume RUN_DIR``, which takes no overrides)."""
+    from hcc_fl.server.config import compose_config
+
+    if resume:
+        if overrides:
+            raise ConfigError("--resume continues the run with its own configuration: give no "
+                              "KEY=VALUE overrides")
+        return resume_config(Path(resume))
+    return compose_config(overrides)
+
+
 def run_simulation(
     cfg: dict[str, Any], quiet: bool = False, deployment: Deployment | None = None
 ) -> Path:

@@ -48,17 +48,11 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from hcc_fl.server.config import ConfigError, compose_config, to_yaml
-    from hcc_fl.server.simulate import resume_config, run_simulation, summarise_run
+    from hcc_fl.server.config import ConfigError, to_yaml
+    from hcc_fl.server.simulate import experiment_config, run_simulation, summarise_run
 
     try:
-        if args.resume:
-            if args.overrides:
-                raise ConfigError("--resume continues the run with its own configuration: "
-                                  "give no KEY=VALUE overrides")
-            cfg = resume_config(Path(args.resume))
-        else:
-            cfg = compose_config(args.overrides)
+        cfg = experiment_config(args.overrides, args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
