@@ -15,11 +15,12 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo deploy-demo test lint typecheck pytest system-deps clean help
+.PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
+	@echo "make demo-dp                the demo with local DP-SGD at epsilon 8 per site"
 	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
 
 $(VENV)/.deps: pyproject.toml
@@ -41,6 +42,10 @@ $(DATA)/manifest_index.json: | install
 
 demo: install $(DATA)/manifest_index.json
 	$(BIN)/hcc-fl simulate task=$(TASK) data_root=$(DATA) run_name=demo-$(TASK) seed=$(SEED) overwrite=true
+
+# The demo with local DP-SGD at epsilon 8 per site (epsilon per site in runs/demo-dp/metrics.json).
+demo-dp: install $(DATA)/manifest_index.json
+	$(BIN)/hcc-fl simulate task=$(TASK) data_root=$(DATA) run_name=demo-dp seed=$(SEED) overwrite=true privacy=dp privacy.target_epsilon=8
 
 # A real deployment on 127.0.0.1 (coordinator + 4 site processes, TLS, 2 rounds) to watch.
 deploy-demo: install system-deps $(DATA)/manifest_index.json

@@ -21,7 +21,8 @@ from pathlib import Path
 SETTINGS = {
     "none": ["privacy=none"],
     "local DP, eps 8": ["privacy=dp", "privacy.target_epsilon=8"],
-    "local DP, eps 2": ["privacy=dp", "privacy.target_epsilon=2"],
+    "local DP, eps 3": ["privacy=dp", "privacy.target_epsilon=3"],
+    "local DP, eps 1": ["privacy=dp", "privacy.target_epsilon=1"],
     "central DP, sigma 0.5": ["privacy=central-dp", "privacy.noise_multiplier=0.5"],
 }
 

@@ -8,6 +8,7 @@ back to the coordinator carry no file paths or values: details stay in the site'
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -32,6 +33,14 @@ from hcc_fl.client.privacy import (
     dp_train_round,
     noise_for_target,
     planned_steps,
+)
+from hcc_fl.client.secagg import (
+    SecAggConfig,
+    SiteState,
+    site_masked,
+    site_setup,
+    site_share,
+    site_unmask,
 )
 from hcc_fl.client.statistics import external_report, validation_placements, validation_sums
 from hcc_fl.client.train import TrainConfig, resolve_device, train_one_round
@@ -186,6 +195,7 @@ def _privacy(context: Context, site: SiteContext) -> tuple[PrivacyConfig, Path, 
         "noise_multiplier": opt("privacy-noise-multiplier"), "delta": opt("privacy-delta"),
         "max_grad_norm": opt("privacy-max-grad-norm") or 1.0,
         "sample_rate": opt("privacy-sample-rate"),
+        "grad_sample_mode": str(rc.get("privacy-grad-sample-mode", "hooks")),
     })
     if nc.get("state"):  # deployment: the site's own state folder and budget
         folder = Path(str(nc["state"])) / "privacy"
@@ -230,7 +240,8 @@ def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context
     out = dp_train_round(model, n, batch, loss_fn, epochs=tc.epochs, lr=tc.lr,
                          weight_decay=tc.weight_decay, noise_multiplier=sigma,
                          max_grad_norm=cfg.max_grad_norm, sample_rate=q, seed=tc.seed,
-                         proximal_mu=tc.proximal_mu, device=resolve_device(tc.device))
+                         proximal_mu=tc.proximal_mu, device=resolve_device(tc.device),
+                         grad_sample_mode=cfg.grad_sample_mode)
     acc.add(out.noise_multiplier, out.sample_rate, out.steps)
     acc.rounds_done.append(server_round)
     acc.save()
@@ -241,11 +252,11 @@ def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context
     return out.loss, out.n_examples, eps, delta
 
 
-@app.train()
-@_guarded("train")
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model for the configured local epochs on the train split
-    (with DP-SGD when the run's privacy mode is ``dp``)."""
+Metrics = dict[str, int | float | list[int] | list[float]]
+
+
+def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metrics]:
+    """Train the received global model at this site; returns the model and the metrics."""
     site = resolve_site(context)
     if site.role != R.ROLE_TRAIN:
         log.warning("site %s is evaluation-only: training message refused", site.name)
@@ -265,7 +276,7 @@ def train(msg: Message, context: Context) -> Message:
         + zlib.crc32(site.name.encode()),
         device=str(rc.get("device", "cpu")),
     )
-    values: dict[str, int | float | list[int] | list[float]]
+    values: Metrics
     if str(rc.get("privacy-mode", "none")) == "dp":
         loss, n, eps, delta = _train_dp(model, data, site, context, tc, server_round)
         values = {"train-loss": loss, R.NUM_EXAMPLES: n, "dp-epsilon": eps, "dp-delta": delta}
@@ -274,10 +285,90 @@ def train(msg: Message, context: Context) -> Message:
         values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
         if str(rc.get("privacy-mode", "none")) == "central-dp":
             values["unit-weight"] = 1.0  # central DP averages the sites with equal weights
+    return model, values
+
+
+@app.train()
+@_guarded("train")
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model for the configured local epochs on the train split
+    (with DP-SGD when the run's privacy mode is ``dp``)."""
+    model, values = _train_local(msg, context)
     return Message(
         RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: MetricRecord(values)}),
         reply_to=msg,
     )
+
+
+# --- secure aggregation (SecAgg+, see client/secagg.py) ---------------------------------------
+def _secagg_state(context: Context, msg: Message) -> Path:
+    site = resolve_site(context)
+    rc, nc = context.run_config, context.node_config
+    base = (Path(str(nc["state"])) if nc.get("state")
+            else Path(str(rc["privacy-dir"])) / site.name)
+    rnd = int(_num(msg.content[R.CONFIG], "server-round", 0))
+    return base / "secagg" / str(rc["run-key"]).replace("/", "__") / f"round-{rnd}.json"
+
+
+def _secagg_cfg(msg: Message) -> SecAggConfig:
+    return SecAggConfig(**json.loads(str(msg.content[R.CONFIG]["secagg-config"])))
+
+
+@app.query(R.ACTION_SECAGG_SETUP)
+@_guarded("secagg-setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 1: this round's key pairs; the public halves go back."""
+    if resolve_site(context).role != R.ROLE_TRAIN:
+        raise PermissionError("secure aggregation is for training sites")
+    state, public = site_setup(int(context.node_id))
+    state.save(_secagg_state(context, msg))
+    return Message(RecordDict({R.INFO: ConfigRecord(dict(public.items()))}), reply_to=msg)
+
+
+@app.query(R.ACTION_SECAGG_SHARE)
+@_guarded("secagg-share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2: encrypted Shamir shares of the self-mask seed and the mask key."""
+    path = _secagg_state(context, msg)
+    state = SiteState.load(path)
+    public = {int(k): (v[0], v[1]) for k, v in
+              json.loads(str(msg.content[R.CONFIG]["secagg-public"])).items()}
+    out = site_share(state, _secagg_cfg(msg), public)
+    state.save(path)
+    cts = {str(k): base64.b64encode(v).decode() for k, v in out.items()}
+    return Message(RecordDict({R.INFO: ConfigRecord({"cts": json.dumps(cts)})}), reply_to=msg)
+
+
+@app.query(R.ACTION_SECAGG_MASKED)
+@_guarded("secagg-masked")
+def secagg_masked(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 3: train, then send only the masked, quantised weighted update."""
+    path = _secagg_state(context, msg)
+    state = SiteState.load(path)
+    model, values = _train_local(msg, context)
+    inbox = {int(k): base64.b64decode(v) for k, v in
+             json.loads(str(msg.content[R.CONFIG]["secagg-inbox"])).items()}
+    params = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+    masked = site_masked(state, _secagg_cfg(msg), inbox, params,
+                         float(cast(Any, values[R.NUM_EXAMPLES])))
+    state.save(path)
+    return Message(RecordDict({R.ARRAYS: ArrayRecord(masked), R.METRICS: MetricRecord(values)}),
+                   reply_to=msg)
+
+
+@app.query(R.ACTION_SECAGG_UNMASK)
+@_guarded("secagg-unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4: shares of the survivors' seeds and the dropped sites' mask keys."""
+    path = _secagg_state(context, msg)
+    state = SiteState.load(path)
+    cfg = msg.content[R.CONFIG]
+    shares = site_unmask(state, json.loads(str(cfg["secagg-survivors"])),
+                         json.loads(str(cfg["secagg-dropped"])))
+    path.unlink(missing_ok=True)  # this round's secrets are no longer needed
+    out = {str(k): [kind, base64.b64encode(v).decode()] for k, (kind, v) in shares.items()}
+    return Message(RecordDict({R.INFO: ConfigRecord({"shares": json.dumps(out)})}),
+                   reply_to=msg)
 
 
 @app.evaluate()

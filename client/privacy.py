@@ -53,6 +53,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # explicit sigma instead of a target epsilon
     sample_rate: float | None = None  # Poisson sampling rate; default batch_size / n
+    grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus ghost clipping)
     site_budget: float | None = None  # simulation: total epsilon per site (deployment: SITE.yaml)
 
     @classmethod
@@ -261,6 +262,7 @@ def dp_train_round(
     seed: int,
     proximal_mu: float = 0.0,
     device: str = "cpu",
+    grad_sample_mode: str = "hooks",
 ) -> DPOutcome:
     """DP-SGD for ``epochs`` epochs of ``ceil(1/q)`` Poisson-sampled steps each.
 
@@ -272,19 +274,42 @@ def dp_train_round(
     ``w -= lr * mu * (w - w_start)``. An empty Poisson batch releases nothing and is skipped,
     but still counted as a step (conservative accounting). The wrapper is removed at the end;
     ``model`` holds the new weights.
+
+    ``grad_sample_mode``: ``hooks`` materialises per-sample gradients (Opacus'
+    ``GradSampleModule``); ``ghost`` uses Opacus' ghost clipping (per-sample gradient norms
+    without per-sample gradients, two backward passes), which needs less memory. Both give the
+    same clipped, noised update (``bench/dp_step.py`` measures which is faster per model).
     """
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+    if grad_sample_mode not in ("hooks", "ghost"):
+        raise PrivacyError(f"privacy.grad_sample_mode must be hooks or ghost, not "
+                           f"{grad_sample_mode}")
     gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     torch.manual_seed(seed)
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    gsm = GradSampleModule(model.to(device).train(), loss_reduction="mean")
-    base = torch.optim.AdamW(gsm.parameters(), lr=lr, weight_decay=weight_decay)
     expected = max(1, int(round(sample_rate * n)))
-    opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                      expected_batch_size=expected, loss_reduction="mean", generator=noise_gen)
+    gsm: Any
+    criterion: Any = loss_fn
+    if grad_sample_mode == "ghost":
+        gsm = GradSampleModuleFastGradientClipping(
+            model.to(device).train(), loss_reduction="mean", max_grad_norm=max_grad_norm,
+            use_ghost_clipping=True)
+        base = torch.optim.AdamW(gsm.parameters(), lr=lr, weight_decay=weight_decay)
+        opt: Any = DPOptimizerFastGradientClipping(
+            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected, loss_reduction="mean", generator=noise_gen)
+        criterion = DPLossFastGradientClipping(gsm, opt, loss_fn, loss_reduction="mean")
+    else:
+        gsm = GradSampleModule(model.to(device).train(), loss_reduction="mean")
+        base = torch.optim.AdamW(gsm.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                          expected_batch_size=expected, loss_reduction="mean",
+                          generator=noise_gen)
     steps_per_epoch = math.ceil(1.0 / sample_rate)
     total, count, steps = 0.0, 0, 0
     try:
@@ -296,7 +321,7 @@ def dp_train_round(
                     continue
                 inputs, target = batch(idx)
                 logits = gsm(*(x.to(device) for x in inputs)).squeeze(1)
-                loss = loss_fn(logits, target.to(device))
+                loss = criterion(logits, target.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -76,5 +76,8 @@ def check_config(cfg: dict[str, Any]) -> None:
             check_dp_loss(str(cfg["task"].get("loss", "bce")))
     except PrivacyError as exc:
         raise ConfigError(str(exc)) from exc
+    if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
+        raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
+                          "(the coordinator must see each update to clip it); use privacy=dp")
     if cfg["model"]["profile"] not in ("tiny", "full"):
         raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")

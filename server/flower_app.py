@@ -250,6 +250,12 @@ def run_arm(grid_: Grid, context: Context) -> None:
         training_sites=training,
     )
     strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
+    sa = cfg.get("secure_aggregation") or {}
+    if sa.get("enabled"):
+        strategy.secagg = {k: sa[k] for k in  # type: ignore[attr-defined]
+                           ("clipping_range", "quantization_range", "modulus")}
+        strategy.secagg["max_weight"] = float(  # type: ignore[attr-defined]
+            sa.get("max_weight") or max(int(sites[n]["n-train"]) for n in train_nodes))
     if central_dp:
         m = len(training)
         strategy.central = CentralDP(  # type: ignore[attr-defined]
@@ -319,6 +325,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "aggregated_rounds": strategy.aggregated_rounds,  # type: ignore[attr-defined]
         "central_dp": (strategy.central.summary()  # type: ignore[attr-defined]
                        if central_dp else None),
+        "secure_aggregation": (strategy.secagg_rounds  # type: ignore[attr-defined]
+                               if sa.get("enabled") else None),
         "threshold": threshold,
         "validation": validation,
         "external": external_stats,

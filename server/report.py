@@ -272,7 +272,8 @@ def build_report(run_dir: Path) -> str:
         ["rounds x local epochs", f"{fed['rounds']} x {fed['local_epochs']}"],
         ["baselines", html.escape(", ".join(a for a in ext if a not in
                                             [x["name"] for x in cfg["strategy"]["arms"]]))],
-        ["privacy", html.escape(_privacy_text(metrics.get("privacy") or {}))],
+        ["privacy", html.escape(_privacy_text(metrics.get("privacy") or {},
+                                              _secure_aggregation(metrics)))],
         ["seed", str(cfg["seed"])],
         ["code version", html.escape(metrics.get("code_version", ""))],
     ]
@@ -293,8 +294,20 @@ def build_report(run_dir: Path) -> str:
             f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
 
 
-def _privacy_text(privacy: dict[str, Any]) -> str:
-    """One line for the model card: the DP mode and the epsilon each site spent."""
+def _secure_aggregation(metrics: dict[str, Any]) -> bool:
+    """Whether any federated arm aggregated through SecAgg+."""
+    return any((f or {}).get("secure_aggregation")
+               for f in (metrics.get("federated") or {}).values())
+
+
+def _privacy_text(privacy: dict[str, Any], secagg: bool = False) -> str:
+    """One line for the model card: the DP mode, the epsilon spent, secure aggregation."""
+    text = _dp_text(privacy)
+    return text.replace("no secure aggregation", "secure aggregation (SecAgg+)") if secagg \
+        else text
+
+
+def _dp_text(privacy: dict[str, Any]) -> str:
     if privacy.get("mode") == "central-dp":
         return "central DP (server-side clipping, Flower): " + "; ".join(
             f"{arm}: sigma={c['noise_multiplier']}, clip={c['clipping_norm']}, "

@@ -120,7 +120,8 @@ def _privacy_run_config(privacy: dict[str, Any]) -> dict[str, Any]:
             "privacy-noise-multiplier": num("noise_multiplier"),
             "privacy-delta": num("delta"), "privacy-max-grad-norm": num("max_grad_norm"),
             "privacy-sample-rate": num("sample_rate"),
-            "privacy-site-budget": num("site_budget")}
+            "privacy-site-budget": num("site_budget"),
+            "privacy-grad-sample-mode": str(privacy.get("grad_sample_mode") or "hooks")}
 
 
 def _privacy_summary(cfg: dict[str, Any], history: list[dict[str, Any]],
@@ -331,7 +332,7 @@ def run_simulation(
     federated: dict[str, Any] = {}
     for arm, res in arm_results.items():
         federated[arm] = {k: res.get(k) for k in ("aggregated_rounds", "resumed_after_round",
-                                                  "train_seconds")}
+                                                  "train_seconds", "secure_aggregation")}
         external[arm] = _summary(res["external"])
         validation[arm] = res["validation"]
         history.extend(res["history"])

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
 import os
@@ -22,11 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -106,6 +108,7 @@ class SiteAwareMixin:
     arrayrecord_key: str
     insecure: bool = False
     central: CentralDP | None = None
+    secagg: dict[str, Any] | None = None  # SecAggConfig fields except n and threshold
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -126,6 +129,7 @@ class SiteAwareMixin:
         self.history: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
         self.aggregated_rounds: list[int] = []
+        self.secagg_rounds: list[dict[str, Any]] = []
         self._expected: dict[str, tuple[int, ...]] | None = None
         self._global: dict[str, np.ndarray] | None = None
 
@@ -365,6 +369,104 @@ class SiteAwareMixin:
                 self.audit.record("timeout", arm=self.arm, round=server_round, type="train",
                                   peer=site, decision=reason)
 
+    # --- secure aggregation (client/secagg.py) -------------------------------------------------
+    def _exchange(self, grid: Grid, rnd: int, action: str, per_node: dict[int, RecordDict],
+                  timeout: float) -> dict[int, Message]:
+        """One protocol message to each node; the good replies by node."""
+        msgs = [Message(content=c, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n)
+                for n, c in per_node.items()]
+        self._audit_sent(rnd, msgs, action)
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        self._sent(msgs)
+        out = {}
+        for r in replies:
+            if r.has_error():
+                self._reject(rnd, r, f"site error: {r.error.reason}", action)
+                continue
+            self._received(rnd, r, action, "accepted")
+            out[self._origin(r)] = r
+        for n in sorted(set(per_node) - set(out) - {self._origin(r) for r in replies}):
+            self.audit.record("timeout", arm=self.arm, round=rnd, type=action,
+                              peer=self.site_names.get(n, "?"), decision="no reply")
+        return out
+
+    def _secagg_round(self, grid: Grid, rnd: int, arrays: ArrayRecord,
+                      train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
+        """One round through SecAgg+: the coordinator only ever holds masked vectors and the
+        unmasked *sum*. Returns the new global arrays, or None if the round failed."""
+        from hcc_fl.client.secagg import SecAggConfig, unmask_sum
+
+        self._refresh_sites(grid)
+        nodes = sorted(self.training_nodes)
+        cfg = SecAggConfig.for_sites(len(nodes), **(self.secagg or {}))
+        cfg.check()
+        base: dict[str, Any] = {"server-round": rnd, "secagg-config": json.dumps(cfg.__dict__)}
+
+        def config(**extra: Any) -> RecordDict:
+            return RecordDict({R.CONFIG: ConfigRecord({**base, **extra})})
+
+        keys = self._exchange(grid, rnd, R.ACTION_SECAGG_SETUP,
+                              {n: config() for n in nodes}, timeout)
+        public = {n: (str(m.content[R.INFO]["c_pk"]), str(m.content[R.INFO]["s_pk"]))
+                  for n, m in keys.items()}
+        if len(public) < cfg.threshold:
+            log.warning("round %d: %d sites set up secure aggregation, threshold %d: round "
+                        "skipped", rnd, len(public), cfg.threshold)
+            return None
+        pub_json = json.dumps({str(k): list(v) for k, v in public.items()})
+        shared = self._exchange(grid, rnd, R.ACTION_SECAGG_SHARE,
+                                {n: config(**{"secagg-public": pub_json}) for n in public},
+                                timeout)
+        inbox: dict[int, dict[str, str]] = {n: {} for n in shared}
+        for src, m in shared.items():
+            for dst, ct in json.loads(str(m.content[R.INFO]["cts"])).items():
+                if int(dst) in inbox:
+                    inbox[int(dst)][str(src)] = ct
+        per_node = {}
+        for n in shared:
+            content = config(**{"secagg-inbox": json.dumps(inbox[n]), **dict(train_config)})
+            content[R.ARRAYS] = arrays
+            per_node[n] = content
+        replies = self._exchange(grid, rnd, R.ACTION_SECAGG_MASKED, per_node, timeout)
+        expected = [(1,), *(tuple(v.shape) for v in arrays.values())]
+        masked: dict[int, list[np.ndarray]] = {}
+        for n, m in sorted(replies.items()):
+            recs = list(m.content.array_records.values())
+            vec = [a.numpy() for a in recs[0].values()] if len(recs) == 1 else []
+            if [tuple(a.shape) for a in vec] != expected:
+                self._reject(rnd, m, "malformed masked update", R.ACTION_SECAGG_MASKED)
+                continue
+            masked[n] = vec
+            metrics = next(iter(m.content.metric_records.values()))
+            self.history.append({
+                "arm": self.arm, "round": rnd, "site": self.site_names.get(n, f"node-{n}"),
+                "phase": "train", "train_loss": float(cast(Any, metrics["train-loss"])),
+                "n": int(cast(Any, metrics[R.NUM_EXAMPLES])), "secure_aggregation": True})
+        if len(masked) < max(self.min_sites, cfg.threshold):
+            log.warning("round %d: %d masked updates (min_sites %d, threshold %d): the global "
+                        "model is unchanged", rnd, len(masked), self.min_sites, cfg.threshold)
+            return None
+        survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
+        unmask = self._exchange(
+            grid, rnd, R.ACTION_SECAGG_UNMASK,
+            {n: config(**{"secagg-survivors": json.dumps(survivors),
+                          "secagg-dropped": json.dumps(dropped)}) for n in survivors}, timeout)
+        shares = [{int(k): (v[0], base64.b64decode(v[1])) for k, v in
+                   json.loads(str(m.content[R.INFO]["shares"])).items()}
+                  for m in unmask.values()]
+        try:
+            _, mean = unmask_sum(cfg, {n: public[n] for n in shared}, masked, shares)
+        except ValueError as exc:
+            log.warning("round %d: %s", rnd, exc)
+            return None
+        self.secagg_rounds.append({"round": rnd, "sites": len(shared), "survivors":
+                                   len(survivors), "dropped": [self.site_names.get(d, "?")
+                                                               for d in dropped]})
+        names = list(arrays.keys())
+        dtypes = [v.numpy().dtype for v in arrays.values()]
+        return ArrayRecord({k: torch.from_numpy(np.asarray(a, dtype=dt)) for k, a, dt in
+                            zip(names, mean, dtypes, strict=True)})
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -386,6 +488,21 @@ class SiteAwareMixin:
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             t0 = time.monotonic()
+            if self.secagg is not None:
+                self._expected = self._expected or {k: tuple(v.shape) for k, v in arrays.items()}
+                new_sa = self._secagg_round(grid, rnd, arrays,
+                                            ConfigRecord(dict(train_config)), timeout)
+                if new_sa is not None:
+                    arrays = new_sa
+                    self.aggregated_rounds.append(rnd)
+                sent = list(self.configure_evaluate(rnd, arrays,
+                                                    ConfigRecord(dict(evaluate_config)), grid))
+                replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
+                self._sent(sent)
+                self.aggregate_evaluate(rnd, replies)
+                if on_round_end is not None:
+                    on_round_end(rnd, arrays)
+                continue
             sent = list(driver.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
                                                grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))

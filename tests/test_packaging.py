@@ -12,7 +12,8 @@ from tests.conftest import REPO, script
 
 MAPPING = {"server": "hcc_fl.server", "client": "hcc_fl.client", "shared": "hcc_fl.shared",
            "configs": "hcc_fl.configs"}
-FLOWER_MODULES = {"client/flower_app.py", "client/guard.py", "server/flower_app.py",
+FLOWER_MODULES = {"client/flower_app.py", "client/guard.py", "client/secagg.py",
+                  "server/flower_app.py",
                   "server/strategy.py"}
 
 

@@ -169,3 +169,21 @@ def test_default_delta_and_rate() -> None:
     assert cfg.delta_for(40) == pytest.approx(1 / 400)
     assert cfg.rate_for(40, 8) == pytest.approx(0.2)
     assert math.isclose(cfg.rate_for(4, 8), 1.0)
+
+
+def test_ghost_clipping_gives_the_same_update_as_per_sample_hooks() -> None:
+    """Without noise, both modes compute the same clipped mean gradient, so the same weights."""
+    batch, label = _site(16)
+    weights = {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(0)
+        model = build_model("ki67_ceus", "tiny")
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        dp_train_round(model, len(label), batch, torch.nn.BCEWithLogitsLoss(), epochs=1,
+                       lr=1e-2, weight_decay=0.0, noise_multiplier=0.0, max_grad_norm=0.05,
+                       sample_rate=0.5, seed=3, grad_sample_mode=mode)
+        weights[mode] = model.state_dict()
+    for k, v in weights["hooks"].items():
+        assert torch.allclose(v, weights["ghost"][k], atol=1e-5, rtol=1e-4), k
