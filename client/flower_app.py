@@ -306,8 +306,9 @@ def _secagg_state(context: Context, msg: Message) -> Path:
     rc, nc = context.run_config, context.node_config
     base = (Path(str(nc["state"])) if nc.get("state")
             else Path(str(rc["privacy-dir"])) / site.name)
-    rnd = int(_num(msg.content[R.CONFIG], "server-round", 0))
-    return base / "secagg" / str(rc["run-key"]).replace("/", "__") / f"round-{rnd}.json"
+    cfg = msg.content[R.CONFIG]
+    tag = str(cfg.get("secagg-tag", f"round-{int(_num(cfg, 'server-round', 0))}"))
+    return base / "secagg" / str(rc["run-key"]).replace("/", "__") / f"{tag}.json"
 
 
 def _secagg_cfg(msg: Message) -> SecAggConfig:
@@ -342,18 +343,49 @@ def secagg_share(msg: Message, context: Context) -> Message:
 @app.query(R.ACTION_SECAGG_MASKED)
 @_guarded("secagg-masked")
 def secagg_masked(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 3: train, then send only the masked, quantised weighted update."""
+    """SecAgg+ stage 3: compute this site's contribution (``secagg-purpose``: ``train`` = the
+    trained weights, weighted by the site's patients; ``validation_sums`` /
+    ``validation_placements`` = the pooled-validation sums, scaled by ``secagg-bound``), and
+    send only its masked, quantised form."""
     path = _secagg_state(context, msg)
     state = SiteState.load(path)
-    model, values = _train_local(msg, context)
+    cfg = msg.content[R.CONFIG]
+    sa = _secagg_cfg(msg)
+    purpose = str(cfg.get("secagg-purpose", "train"))
+    values: Metrics
+    if purpose == "train":
+        model, values = _train_local(msg, context)
+        params = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+        weight = float(cast(Any, values[R.NUM_EXAMPLES]))
+    else:
+        params = [_validation_vector(msg, context, purpose) / _num(cfg, "secagg-bound")]
+        values, weight = {R.NUM_EXAMPLES: 1}, sa.max_weight
     inbox = {int(k): base64.b64decode(v) for k, v in
-             json.loads(str(msg.content[R.CONFIG]["secagg-inbox"])).items()}
-    params = [v.detach().cpu().numpy() for v in model.state_dict().values()]
-    masked = site_masked(state, _secagg_cfg(msg), inbox, params,
-                         float(cast(Any, values[R.NUM_EXAMPLES])))
+             json.loads(str(cfg["secagg-inbox"])).items()}
+    masked = site_masked(state, sa, inbox, params, weight)
     state.save(path)
     return Message(RecordDict({R.ARRAYS: ArrayRecord(masked), R.METRICS: MetricRecord(values)}),
                    reply_to=msg)
+
+
+def _validation_vector(msg: Message, context: Context, purpose: str) -> np.ndarray:
+    """The pass-1 or pass-2 pooled-validation sums of this site as one flat vector."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: it takes no part in validation")
+    rc = context.run_config
+    data = _load(site, context, threshold_splits(str(rc["threshold-split"])))
+    if purpose == "validation_sums":
+        sums = validation_sums(_model(msg, context), data, _grid(context), str(rc["device"]))
+        return np.concatenate([sums["pos"], sums["neg"], sums["calibration"].ravel(),
+                               [sums["n"], sums["n_pos"], sums["loss"] * sums["n"]]])
+    if purpose == "validation_placements":
+        pooled = cast(MetricRecord, msg.content[R.METRICS])
+        hist = (np.asarray(pooled["pos"], dtype=np.float64),
+                np.asarray(pooled["neg"], dtype=np.float64))
+        return validation_placements(_model(msg, context), data, hist, _grid(context),
+                                     str(rc["device"]))
+    raise ValueError(f"unknown secure-aggregation purpose '{purpose}'")
 
 
 @app.query(R.ACTION_SECAGG_UNMASK)

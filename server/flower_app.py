@@ -176,6 +176,43 @@ def pooled_validation(
     return threshold, validation
 
 
+def secure_pooled_validation(
+    strategy: Any, grid_: Grid, train_nodes: list[int], final: ArrayRecord, grid: ScoreGrid,
+    bound: float, rnd: int, timeout: float,
+) -> tuple[float, dict[str, Any]]:
+    """The two pooled-validation passes through SecAgg+: only the sums over the training sites
+    reach the coordinator (no per-site AUC or counts). ``bound`` (the largest site) scales the
+    sums into the quantiser's range; counts are rounded back to integers."""
+    nb = grid.n_bins
+
+    def run(purpose: str, length: int, extra: RecordDict | None) -> np.ndarray:
+        def content(node: int, entries: dict[str, Any]) -> RecordDict:
+            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, "secagg-purpose": purpose,
+                                                     "secagg-bound": bound})})
+            rd[R.ARRAYS] = final
+            if extra is not None:
+                rd[R.METRICS] = cast(MetricRecord, extra[R.METRICS])
+            return rd
+
+        out = strategy.secure_aggregate(grid_, rnd, f"{purpose}-{rnd}", train_nodes, content,
+                                        [(1,), (length,)], timeout, 1.0)
+        if out is None:
+            raise FederationError(f"secure aggregation of the {purpose} failed")
+        _, weight_sum, mean, _ = out
+        return np.asarray(mean[0], dtype=np.float64) * weight_sum * bound
+
+    v1 = run("validation_sums", 2 * nb + 33 + 3, None)  # histograms, calibration (11x3), n...
+    counts = np.rint(v1[: 2 * nb])
+    n, n_pos = int(round(v1[-3])), int(round(v1[-2]))
+    pooled = {"pos": counts[:nb], "neg": counts[nb:], "calibration": v1[2 * nb:-3],
+              "n": n, "n_pos": n_pos, "loss": float(v1[-1] / max(n, 1)), "auc": None,
+              "auc_ci": None}
+    threshold, (pos, neg), validation = combine_pass1({"all sites (secure sum)": pooled}, grid)
+    hist = RecordDict({R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
+    v2 = run("validation_placements", 12, hist)
+    return threshold, finish_pass2(validation, [v2])
+
+
 def external_evaluation(
     grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float
 ) -> dict[str, Any]:
@@ -311,7 +348,14 @@ def run_arm(grid_: Grid, context: Context) -> None:
     names = dict(strategy.site_names)  # type: ignore[attr-defined]
     connected = set(grid_.get_node_ids())  # a restarted external site has a new node id
     ext_nodes = [n for n, s in names.items() if s == external and n in connected] or ext_nodes
-    threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid, timeout)
+    if sa.get("enabled"):
+        bound = float(max(int(v["n-train"]) + int(v["n-val"]) for v in sites.values()
+                          if v["site"] in training))
+        threshold, validation = secure_pooled_validation(
+            strategy, grid_, train_nodes, final, grid, bound, int(fed["rounds"]) + 1, timeout)
+    else:
+        threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid,
+                                                  timeout)
     external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout)
                       if ext_nodes else None)
 

@@ -390,17 +390,21 @@ class SiteAwareMixin:
                               peer=self.site_names.get(n, "?"), decision="no reply")
         return out
 
-    def _secagg_round(self, grid: Grid, rnd: int, arrays: ArrayRecord,
-                      train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
-        """One round through SecAgg+: the coordinator only ever holds masked vectors and the
-        unmasked *sum*. Returns the new global arrays, or None if the round failed."""
+    def secure_aggregate(
+        self, grid: Grid, rnd: int, tag: str, nodes: list[int],
+        masked_content: Callable[[int, dict[str, Any]], RecordDict],
+        expected: list[tuple[int, ...]], timeout: float, max_weight: float,
+    ) -> tuple[dict[int, Message], float, list[np.ndarray], dict[str, Any]] | None:
+        """Run SecAgg+ once over ``nodes``: set-up, share, masked (content from
+        ``masked_content(node, config_entries)``), unmask. Returns the masked replies (for their
+        metrics), the summed weights, the weighted mean and a summary; None if it failed."""
         from hcc_fl.client.secagg import SecAggConfig, unmask_sum
 
-        self._refresh_sites(grid)
-        nodes = sorted(self.training_nodes)
-        cfg = SecAggConfig.for_sites(len(nodes), **(self.secagg or {}))
+        cfg = SecAggConfig.for_sites(len(nodes), **{**(self.secagg or {}),
+                                                     "max_weight": max_weight})
         cfg.check()
-        base: dict[str, Any] = {"server-round": rnd, "secagg-config": json.dumps(cfg.__dict__)}
+        base: dict[str, Any] = {"server-round": rnd, "secagg-tag": tag,
+                                "secagg-config": json.dumps(cfg.__dict__)}
 
         def config(**extra: Any) -> RecordDict:
             return RecordDict({R.CONFIG: ConfigRecord({**base, **extra})})
@@ -410,8 +414,8 @@ class SiteAwareMixin:
         public = {n: (str(m.content[R.INFO]["c_pk"]), str(m.content[R.INFO]["s_pk"]))
                   for n, m in keys.items()}
         if len(public) < cfg.threshold:
-            log.warning("round %d: %d sites set up secure aggregation, threshold %d: round "
-                        "skipped", rnd, len(public), cfg.threshold)
+            log.warning("%s: %d sites set up secure aggregation, threshold %d", tag,
+                        len(public), cfg.threshold)
             return None
         pub_json = json.dumps({str(k): list(v) for k, v in public.items()})
         shared = self._exchange(grid, rnd, R.ACTION_SECAGG_SHARE,
@@ -422,29 +426,21 @@ class SiteAwareMixin:
             for dst, ct in json.loads(str(m.content[R.INFO]["cts"])).items():
                 if int(dst) in inbox:
                     inbox[int(dst)][str(src)] = ct
-        per_node = {}
-        for n in shared:
-            content = config(**{"secagg-inbox": json.dumps(inbox[n]), **dict(train_config)})
-            content[R.ARRAYS] = arrays
-            per_node[n] = content
-        replies = self._exchange(grid, rnd, R.ACTION_SECAGG_MASKED, per_node, timeout)
-        expected = [(1,), *(tuple(v.shape) for v in arrays.values())]
+        replies = self._exchange(grid, rnd, R.ACTION_SECAGG_MASKED, {
+            n: masked_content(n, {**base, "secagg-inbox": json.dumps(inbox[n])})
+            for n in shared}, timeout)
         masked: dict[int, list[np.ndarray]] = {}
+        good: dict[int, Message] = {}
         for n, m in sorted(replies.items()):
             recs = list(m.content.array_records.values())
             vec = [a.numpy() for a in recs[0].values()] if len(recs) == 1 else []
             if [tuple(a.shape) for a in vec] != expected:
-                self._reject(rnd, m, "malformed masked update", R.ACTION_SECAGG_MASKED)
+                self._reject(rnd, m, "malformed masked vector", R.ACTION_SECAGG_MASKED)
                 continue
-            masked[n] = vec
-            metrics = next(iter(m.content.metric_records.values()))
-            self.history.append({
-                "arm": self.arm, "round": rnd, "site": self.site_names.get(n, f"node-{n}"),
-                "phase": "train", "train_loss": float(cast(Any, metrics["train-loss"])),
-                "n": int(cast(Any, metrics[R.NUM_EXAMPLES])), "secure_aggregation": True})
+            masked[n], good[n] = vec, m
         if len(masked) < max(self.min_sites, cfg.threshold):
-            log.warning("round %d: %d masked updates (min_sites %d, threshold %d): the global "
-                        "model is unchanged", rnd, len(masked), self.min_sites, cfg.threshold)
+            log.warning("%s: %d masked vectors (min_sites %d, threshold %d)", tag, len(masked),
+                        self.min_sites, cfg.threshold)
             return None
         survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
         unmask = self._exchange(
@@ -455,17 +451,44 @@ class SiteAwareMixin:
                    json.loads(str(m.content[R.INFO]["shares"])).items()}
                   for m in unmask.values()]
         try:
-            _, mean = unmask_sum(cfg, {n: public[n] for n in shared}, masked, shares)
+            weight_sum, mean = unmask_sum(cfg, {n: public[n] for n in shared}, masked, shares)
         except ValueError as exc:
-            log.warning("round %d: %s", rnd, exc)
+            log.warning("%s: %s", tag, exc)
             return None
-        self.secagg_rounds.append({"round": rnd, "sites": len(shared), "survivors":
-                                   len(survivors), "dropped": [self.site_names.get(d, "?")
-                                                               for d in dropped]})
-        names = list(arrays.keys())
+        info = {"round": rnd, "purpose": tag.split("-")[0], "sites": len(shared),
+                "survivors": len(survivors),
+                "dropped": [self.site_names.get(d, "?") for d in dropped]}
+        self.secagg_rounds.append(info)
+        return good, weight_sum, mean, info
+
+    def _secagg_round(self, grid: Grid, rnd: int, arrays: ArrayRecord,
+                      train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
+        """One training round through SecAgg+: the coordinator only ever holds masked vectors
+        and the unmasked *sum*. Returns the new global arrays, or None if the round failed."""
+        self._refresh_sites(grid)
+
+        def content(node: int, entries: dict[str, Any]) -> RecordDict:
+            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, **dict(train_config),
+                                                     "secagg-purpose": "train"})})
+            rd[R.ARRAYS] = arrays
+            return rd
+
+        expected = [(1,), *(tuple(v.shape) for v in arrays.values())]
+        out = self.secure_aggregate(grid, rnd, f"train-{rnd}", sorted(self.training_nodes),
+                                    content, expected, timeout,
+                                    float((self.secagg or {}).get("max_weight") or 1000.0))
+        if out is None:
+            return None
+        replies, _, mean, _ = out
+        for n, m in replies.items():
+            metrics = next(iter(m.content.metric_records.values()))
+            self.history.append({
+                "arm": self.arm, "round": rnd, "site": self.site_names.get(n, f"node-{n}"),
+                "phase": "train", "train_loss": float(cast(Any, metrics["train-loss"])),
+                "n": int(cast(Any, metrics[R.NUM_EXAMPLES])), "secure_aggregation": True})
         dtypes = [v.numpy().dtype for v in arrays.values()]
         return ArrayRecord({k: torch.from_numpy(np.asarray(a, dtype=dt)) for k, a, dt in
-                            zip(names, mean, dtypes, strict=True)})
+                            zip(list(arrays.keys()), mean, dtypes, strict=True)})
 
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(

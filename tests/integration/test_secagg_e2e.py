@@ -29,8 +29,19 @@ def test_secagg_round_equals_fedavg_within_quantisation(small_phantom: Path,
     diff = max(float((plain[k].double() - secagg[k].double()).abs().max()) for k in plain)
     # one quantisation level is 2 * 8 / 2^22 = 3.8e-6 of (n_site / n_max) * w
     assert 0 < diff < 5e-5, diff
-    fed = json.loads((tmp_path / "secagg" / "metrics.json").read_text())["federated"]["fedavg"]
-    assert fed["secure_aggregation"] == [{"round": 1, "sites": 3, "survivors": 3, "dropped": []}]
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text())
+               for name in ("plain", "secagg")}
+    fed = metrics["secagg"]["federated"]["fedavg"]
+    assert [(r["purpose"], r["survivors"], r["dropped"]) for r in fed["secure_aggregation"]] == [
+        ("train", 3, []), ("validation_sums", 3, []), ("validation_placements", 3, [])]
+    # the pooled validation sums travelled through SecAgg+ too: no per-site figures, and the
+    # pooled threshold and AUC equal the plain run's within the quantisation error
+    sec, pl = (metrics[k]["validation"]["fedavg"] for k in ("secagg", "plain"))
+    assert list(sec["per_site"]) == ["all sites (secure sum)"]
+    for key in ("n", "n_pos"):
+        assert sec["pooled"][key] == pl["pooled"][key]
+    assert abs(sec["pooled"]["threshold"] - pl["pooled"]["threshold"]) <= 1e-3
+    assert sec["pooled"]["auc"] == pytest.approx(pl["pooled"]["auc"], abs=1e-3)
     hist = [json.loads(x) for x in (tmp_path / "secagg" / "history.jsonl").read_text()
             .splitlines()]
     assert {h["site"] for h in hist if h.get("secure_aggregation")} == {"site_A", "site_B",
