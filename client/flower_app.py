@@ -197,13 +197,20 @@ def _privacy(context: Context, site: SiteContext) -> tuple[PrivacyConfig, Path, 
         "sample_rate": opt("privacy-sample-rate"),
         "grad_sample_mode": str(rc.get("privacy-grad-sample-mode", "hooks")),
     })
-    if nc.get("state"):  # deployment: the site's own state folder and budget
-        folder = Path(str(nc["state"])) / "privacy"
-        budget = float(cast(Any, nc.get("privacy-budget", -1.0)))
-    else:  # simulation: inside the run directory, budget from the run config
-        folder = Path(str(rc["privacy-dir"])) / site.name
-        budget = float(cast(Any, rc.get("privacy-site-budget", -1.0)))
-    return cfg, folder, (None if budget < 0 else budget)
+    deployed = bool(nc.get("state"))
+    budget = float(cast(Any, nc.get("privacy-budget", -1.0) if deployed
+                        else rc.get("privacy-site-budget", -1.0)))
+    folder = _site_state(context, site)  # simulation: already the site's privacy folder
+    return cfg, folder / "privacy" if deployed else folder, (None if budget < 0 else budget)
+
+
+def _site_state(context: Context, site: SiteContext) -> Path:
+    """The site's own state folder (deployment: ``hcc-fl-client``'s; simulation: a folder per
+    site inside the run directory)."""
+    nc = context.node_config
+    if nc.get("state"):
+        return Path(str(nc["state"]))
+    return Path(str(context.run_config["privacy-dir"])) / site.name
 
 
 def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context: Context,
@@ -302,10 +309,8 @@ def train(msg: Message, context: Context) -> Message:
 
 # --- secure aggregation (SecAgg+, see client/secagg.py) ---------------------------------------
 def _secagg_state(context: Context, msg: Message) -> Path:
-    site = resolve_site(context)
-    rc, nc = context.run_config, context.node_config
-    base = (Path(str(nc["state"])) if nc.get("state")
-            else Path(str(rc["privacy-dir"])) / site.name)
+    rc = context.run_config
+    base = _site_state(context, resolve_site(context))
     cfg = msg.content[R.CONFIG]
     tag = str(cfg.get("secagg-tag", f"round-{int(_num(cfg, 'server-round', 0))}"))
     return base / "secagg" / str(rc["run-key"]).replace("/", "__") / f"{tag}.json"

@@ -490,6 +490,21 @@ class SiteAwareMixin:
         return ArrayRecord({k: torch.from_numpy(np.asarray(a, dtype=dt)) for k, a, dt in
                             zip(list(arrays.keys()), mean, dtypes, strict=True)})
 
+    def _train_round(self, grid: Grid, driver: Any, rnd: int, arrays: ArrayRecord,
+                     train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
+        """One plain (or central-DP) training round; the new global arrays or None."""
+        central = self.central
+        sent = list(driver.configure_train(rnd, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
+        self._sent(sent)
+        self._note_missing(rnd, sent, replies, timeout)
+        if central is not None:  # screen first: Flower's clipping needs clean replies
+            replies = self._screen_train(rnd, replies)
+        new, _ = driver.aggregate_train(rnd, replies)
+        if central is not None and new is not None:
+            central.releases += 1
+        return new  # type: ignore[no-any-return]
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -511,31 +526,13 @@ class SiteAwareMixin:
             flwr_log(INFO, "")
             flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             t0 = time.monotonic()
+            train_cfg = ConfigRecord(dict(train_config))
             if self.secagg is not None:
-                self._expected = self._expected or {k: tuple(v.shape) for k, v in arrays.items()}
-                new_sa = self._secagg_round(grid, rnd, arrays,
-                                            ConfigRecord(dict(train_config)), timeout)
-                if new_sa is not None:
-                    arrays = new_sa
+                new = self._secagg_round(grid, rnd, arrays, train_cfg, timeout)
+                if new is not None:
                     self.aggregated_rounds.append(rnd)
-                sent = list(self.configure_evaluate(rnd, arrays,
-                                                    ConfigRecord(dict(evaluate_config)), grid))
-                replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
-                self._sent(sent)
-                self.aggregate_evaluate(rnd, replies)
-                if on_round_end is not None:
-                    on_round_end(rnd, arrays)
-                continue
-            sent = list(driver.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
-                                               grid))
-            replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
-            self._sent(sent)
-            self._note_missing(rnd, sent, replies, timeout)
-            if central is not None:  # screen first: Flower's clipping needs clean replies
-                replies = self._screen_train(rnd, replies)
-            new, _ = driver.aggregate_train(rnd, replies)
-            if central is not None and new is not None:
-                central.releases += 1
+            else:
+                new = self._train_round(grid, driver, rnd, arrays, train_cfg, timeout)
             if new is not None:
                 arrays = new
             sent = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),

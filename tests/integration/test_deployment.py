@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -84,6 +84,16 @@ def _site_yaml(folder: Path, site: str, role: str, manifest: Path, port: int, ca
     return path
 
 
+def make_pki(folder: Path, sites: Iterable[str]) -> Path:
+    """A PKI made with the real CLI: `hcc-fl certs init`, then `add-site` for each site."""
+    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(folder)], check=True,
+                   capture_output=True, timeout=60)
+    for site in sites:
+        subprocess.run([script("hcc-fl"), "certs", "add-site", site, "--dir", str(folder)],
+                       check=True, capture_output=True, timeout=60)
+    return folder
+
+
 def _stop(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         try:
@@ -98,17 +108,8 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[dict[str, object]]:
     work = tmp_path_factory.mktemp("deploy")
     phantom = plant_canaries(small_phantom, work / "phantom")
-    pki = work / "pki"
-    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
-    for site in SITES:
-        subprocess.run([script("hcc-fl"), "certs", "add-site", site, "--dir", str(pki)],
-                       check=True, capture_output=True, timeout=60)
-    other = work / "other-pki"  # a key the coordinator never registered
-    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(other)], check=True,
-                   capture_output=True, timeout=60)
-    subprocess.run([script("hcc-fl"), "certs", "add-site", "intruder", "--dir", str(other)],
-                   check=True, capture_output=True, timeout=60)
+    pki = make_pki(work / "pki", SITES)
+    other = make_pki(work / "other-pki", ["intruder"])  # a key the coordinator never registered
     port = _free_port()
     server = subprocess.Popen(
         [script("hcc-fl-server"), "--pki", str(pki), "--port", str(port), "--quiet",
@@ -258,9 +259,7 @@ def test_deployment_equals_simulation(deployment: dict[str, object], tmp_path: P
 @pytest.mark.slow
 def test_too_few_sites_ends_cleanly(tmp_path: Path) -> None:
     """No site connects: the coordinator stops after the bounded wait and names who is missing."""
-    pki = tmp_path / "pki"
-    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
+    pki = make_pki(tmp_path / "pki", [])
     t0 = time.monotonic()
     out = subprocess.run(
         [script("hcc-fl-server"), "--pki", str(pki), "--port", str(_free_port()), "--quiet",

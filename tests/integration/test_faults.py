@@ -16,7 +16,7 @@ import torch
 
 from hcc_fl.shared.audit import read_audit
 from tests.conftest import script
-from tests.integration.test_deployment import SITES, _free_port, _site_yaml, _stop
+from tests.integration.test_deployment import SITES, _free_port, _site_yaml, _stop, make_pki
 
 SIM = ["strategy=fedavg", "baselines.centralized=false", "baselines.local=false", "--quiet"]
 
@@ -100,12 +100,7 @@ def test_site_killed_mid_round_then_coordinator_killed_and_resumed(
     """site_C dies during round 1 (the round completes with A and B, min_sites=2) and is
     restarted; the coordinator is killed after round 1 and resumed with --resume; round 2 runs
     with all three sites (the restarted one rejoined)."""
-    pki = tmp_path / "pki"
-    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
-    for site in SITES:
-        subprocess.run([script("hcc-fl"), "certs", "add-site", site, "--dir", str(pki)],
-                       check=True, capture_output=True, timeout=60)
+    pki = make_pki(tmp_path / "pki", SITES)
     port = _free_port()
     server_cmd = [script("hcc-fl-server"), "--pki", str(pki), "--port", str(port), "--quiet"]
     run_args = [f"runs_dir={tmp_path / 'runs'}", "run_name=faults", "strategy=fedavg",

@@ -16,7 +16,7 @@ from hcc_fl.server.flower_runtime import Deployment, deployment_superlink, flwr_
 from hcc_fl.shared.audit import read_audit
 from hcc_fl.shared.version import code_version
 from tests.conftest import script
-from tests.integration.test_deployment import _free_port, _site_yaml, _stop
+from tests.integration.test_deployment import _free_port, _site_yaml, _stop, make_pki
 
 EVIL_CLIENT = """\
 from pathlib import Path
@@ -79,11 +79,7 @@ def _tampered_app(folder: Path, marker: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_fleet_only_port_and_tampered_bundle_refused(small_phantom: Path,
                                                       tmp_path: Path) -> None:
-    pki = tmp_path / "pki"
-    subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
-    subprocess.run([script("hcc-fl"), "certs", "add-site", "site_A", "--dir", str(pki)],
-                   check=True, capture_output=True, timeout=60)
+    pki = make_pki(tmp_path / "pki", ["site_A"])
     port = _free_port()
     ca = str(pki / "ca" / "ca.crt")
     marker, out = tmp_path / "marker.txt", tmp_path / "replies.json"
