@@ -19,10 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from hcc_fl.client.components import SiteScorer, external_components, in_process_asker
 from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import validation_metrics
-from hcc_fl.client.statistics import external_report, pooled_validation
+from hcc_fl.client.statistics import (
+    external_report,
+    pooled_validation,
+    pooled_validation_probs,
+)
 from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.shared.components import (
+    TaskComponents,
+    fit_components,
+    main_models,
+    selection_summary,
+)
 from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
@@ -41,6 +52,9 @@ class BaselineResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     train_seconds: float = 0.0
+    component_thresholds: dict[str, float] = field(default_factory=dict)
+    component_validation: dict[str, Any] = field(default_factory=dict)
+    tabular: dict[str, Any] = field(default_factory=dict)
 
 
 def run_baselines(
@@ -72,6 +86,7 @@ def run_baselines(
     if cfg["baselines"]["local"]:
         arms.extend((f"local:{s}", [s]) for s in sites)
 
+    comps = TaskComponents.from_task_config(cfg["task"])
     results = []
     for name, members in arms:
         torch.manual_seed(int(cfg["seed"]))
@@ -106,8 +121,49 @@ def run_baselines(
             both = {s: load_site(manifest(s), task, profile, ("train", "val")) for s in members}
             threshold, validation = pooled_validation(model, both, grid, device)
         stats = external_report(model, ext, threshold, ext.survival, device)
-        results.append(BaselineResult(
+        result = BaselineResult(
             name, stats, threshold, validation, history,
             {k: v.detach().cpu() for k, v in model.state_dict().items()}, seconds,
-        ))
+        )
+        if len(comps.names) > 1:
+            _components(result, model, comps, members, manifest, cfg, ext)
+        results.append(result)
     return results
+
+
+def _components(result: BaselineResult, model: torch.nn.Module, comps: TaskComponents,
+                members: list[str], manifest: Callable[[str], Path], cfg: dict[str, Any],
+                ext: SiteData) -> None:
+    """Fit the task's tabular and stacked models on the baseline's data (pooled for the
+    centralized arm) and evaluate every component on the external site, as the federated arms
+    do; fills the result's ``external`` blocks, thresholds and selected features."""
+    task, profile, device = cfg["task"]["name"], cfg["model"]["profile"], cfg["device"]
+    seed = int(cfg["seed"])
+    grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
+    scorers = [SiteScorer(manifest(s), task, profile, comps, model, seed=seed, device=device)
+               for s in members]
+    try:
+        states = fit_components(comps, in_process_asker(scorers, pooled=len(members) > 1),
+                                resplits=0)
+    except ValueError as exc:
+        log.warning("%s: the tabular models could not be fitted (%s)", result.name, exc)
+        return
+    thresholds = {comps.deep: result.threshold}
+    for sc in scorers:
+        sc.set_bundle(states)
+    splits = threshold_splits(cfg["evaluation"]["threshold_split"])
+    for name in comps.names[1:]:
+        try:
+            thresholds[name], result.component_validation[name] = pooled_validation_probs(
+                {sc.manifest.parent.name: (sc.labels(splits), sc.probs(name, splits))
+                 for sc in scorers}, grid)
+        except ValueError:
+            both = ("train", "val")
+            thresholds[name], result.component_validation[name] = pooled_validation_probs(
+                {sc.manifest.parent.name: (sc.labels(both), sc.probs(name, both))
+                 for sc in scorers}, grid)
+    ext_scorer = SiteScorer(manifest(cfg["federation"]["external_site"]), task, profile, comps,
+                            model, states, seed=seed, device=device)
+    result.external.update(external_components(ext_scorer, thresholds, ext.survival))
+    result.component_thresholds = thresholds
+    result.tabular = {k: selection_summary(st) for k, st in main_models(states).items()}

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcc_fl.client.io import crop_resize, read_cine, resample_cine, standardise
-from hcc_fl.client.manifest import Manifest, validate_manifest
+from hcc_fl.client.io import crop_resize, read_cine, read_image, resample_cine, standardise
+from hcc_fl.client.manifest import Manifest, validated_manifest
 from hcc_fl.shared.errors import DataError, DataIssue
 from hcc_fl.shared.models import input_shape
+from hcc_fl.shared.models.er import IMAGES
 from hcc_fl.shared.tasks import ClinicalFeature, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ BCLC_CODE = {"0": 0.0, "A": 1.0, "B": 2.0, "C": 3.0, "D": 4.0}
 
 @dataclass
 class SiteData:
-    """Tensors of one site and split: ``video`` (N,1,T,H,W), ``clinical`` (N,C), ``label`` (N,)."""
+    """Tensors of one site and split: ``video`` the deep model's image input ((N,1,T,H,W) for a
+    cine, (N,3,H,W) for the three stills of er_ceus), ``clinical`` (N,C) (C may be 0),
+    ``label`` (N,)."""
 
     video: torch.Tensor
     clinical: torch.Tensor
@@ -91,13 +94,52 @@ def load_site(
         Manifest or image problems, naming file, row and column.
     """
     task = get_task(task_name)
-    manifest = validate_manifest(manifest_path, task)
+    manifest = validated_manifest(Path(manifest_path), task_name)
     key = (manifest.sha256, task_name, profile, splits)
     if key in _CACHE:
         return _CACHE[key]
     data = _build(manifest, task, profile, splits, progress)
     _CACHE[key] = data
     return data
+
+
+def _clip(manifest: Manifest, line: int, row: dict[str, str], frames: int, size: int
+          ) -> np.ndarray:
+    """The cine of a row, resampled to ``frames`` over 0-120 s, ROI-cropped, (1, T, H, W)."""
+    try:
+        cine = read_cine(manifest.resolve(row["ceus_cine"]))
+    except DataError as exc:
+        raise DataError(
+            [DataIssue(str(manifest.path), i.message + " (the file in this cell)", line,
+                       "ceus_cine")
+             for i in exc.issues]
+        ) from exc
+    roi = _roi(row)
+    if roi is not None:
+        h, w = cine.frames.shape[1:]
+        x0, y0, x1, y1 = roi
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise DataError.single(
+                manifest.path, f"ROI {roi} lies outside the {w}x{h} cine", line, "ceus_roi_x0"
+            )
+    clip = crop_resize(resample_cine(cine, frames), roi, size)
+    return standardise(clip)[None]
+
+
+def _stills(manifest: Manifest, line: int, row: dict[str, str], size: int) -> np.ndarray:
+    """The B-mode, arterial- and portal-phase images of a row, each resized to ``size`` and
+    standardised, stacked as channels (3, H, W)."""
+    out = []
+    for column in IMAGES:
+        try:
+            image = read_image(manifest.resolve(row[column]))
+        except DataError as exc:
+            raise DataError(
+                [DataIssue(str(manifest.path), i.message + " (the file in this cell)", line,
+                           column) for i in exc.issues]
+            ) from exc
+        out.append(standardise(crop_resize(image, None, size)))
+    return np.stack(out)
 
 
 def _build(
@@ -111,24 +153,10 @@ def _build(
     rows = [(i + 2, r) for i, r in enumerate(manifest.rows) if r["split"] in splits]
     videos, clin, labels = [], [], []
     for line, row in rows:
-        try:
-            cine = read_cine(manifest.resolve(row["ceus_cine"]))
-        except DataError as exc:
-            raise DataError(
-                [DataIssue(str(manifest.path), i.message + " (the file in this cell)", line,
-                            "ceus_cine")
-                 for i in exc.issues]
-            ) from exc
-        roi = _roi(row)
-        if roi is not None:
-            h, w = cine.frames.shape[1:]
-            x0, y0, x1, y1 = roi
-            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                raise DataError.single(
-                    manifest.path, f"ROI {roi} lies outside the {w}x{h} cine", line, "ceus_roi_x0"
-                )
-        clip = crop_resize(resample_cine(cine, frames), roi, size)
-        videos.append(standardise(clip)[None])
+        if frames == 0:  # still images (er_ceus): one channel per image
+            videos.append(_stills(manifest, line, row, size))
+        else:
+            videos.append(_clip(manifest, line, row, frames, size))
         clin.append(clinical_vector(row, task.clinical))
         labels.append(float(row[task.label]))
         if progress:

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from hcc_fl.client.components import SiteScorer, external_components, site_tabular
 from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import validation_metrics
 from hcc_fl.client.privacy import (
@@ -42,10 +43,14 @@ from hcc_fl.client.secagg import (
     site_share,
     site_unmask,
 )
-from hcc_fl.client.statistics import external_report, validation_placements, validation_sums
+from hcc_fl.client.statistics import (
+    validation_placements_prob,
+    validation_sums_prob,
+)
 from hcc_fl.client.train import TrainConfig, resolve_device, train_one_round
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
+from hcc_fl.shared.components import TabularState, TaskComponents
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
@@ -239,8 +244,9 @@ def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context
     def batch(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         video = data.video[idx]
         if tc.augment:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            video = torch.where(flip[:, None, None, None, None], video.flip(-1), video)
+            flip = (torch.rand(len(idx), generator=gen) < 0.5).view(
+                -1, *([1] * (video.dim() - 1)))
+            video = torch.where(flip, video.flip(-1), video)
             video = video + torch.randn(video.shape, generator=gen) * 0.05
         return (video, data.clinical[idx]), data.label[idx]
 
@@ -379,17 +385,16 @@ def _validation_vector(msg: Message, context: Context, purpose: str) -> np.ndarr
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: it takes no part in validation")
     rc = context.run_config
-    data = _load(site, context, threshold_splits(str(rc["threshold-split"])))
+    y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     if purpose == "validation_sums":
-        sums = validation_sums(_model(msg, context), data, _grid(context), str(rc["device"]))
+        sums = validation_sums_prob(y, prob, _grid(context))
         return np.concatenate([sums["pos"], sums["neg"], sums["calibration"].ravel(),
                                [sums["n"], sums["n_pos"], sums["loss"] * sums["n"]]])
     if purpose == "validation_placements":
         pooled = cast(MetricRecord, msg.content[R.METRICS])
         hist = (np.asarray(pooled["pos"], dtype=np.float64),
                 np.asarray(pooled["neg"], dtype=np.float64))
-        return validation_placements(_model(msg, context), data, hist, _grid(context),
-                                     str(rc["device"]))
+        return validation_placements_prob(y, prob, hist, _grid(context))
     raise ValueError(f"unknown secure-aggregation purpose '{purpose}'")
 
 
@@ -435,9 +440,8 @@ def validation_pass1(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
     rc = context.run_config
-    splits = threshold_splits(str(rc["threshold-split"]))
-    sums = validation_sums(_model(msg, context), _load(site, context, splits), _grid(context),
-                           str(rc["device"]))
+    y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
+    sums = validation_sums_prob(y, prob, _grid(context))
     auc_lo, auc_hi = sums["auc_ci"] or (math.nan, math.nan)
     metrics = MetricRecord({
         "pos": sums["pos"].tolist(), "neg": sums["neg"].tolist(),
@@ -457,12 +461,11 @@ def validation_pass2(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: it takes no part in validation")
     rc = context.run_config
-    splits = threshold_splits(str(rc["threshold-split"]))
+    y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     pooled = cast(MetricRecord, msg.content[R.METRICS])
     hist = (np.asarray(pooled["pos"], dtype=np.float64),
             np.asarray(pooled["neg"], dtype=np.float64))
-    vec = validation_placements(_model(msg, context), _load(site, context, splits), hist,
-                                _grid(context), str(rc["device"]))
+    vec = validation_placements_prob(y, prob, hist, _grid(context))
     return Message(RecordDict({R.METRICS: MetricRecord({"sums": vec.tolist()})}), reply_to=msg)
 
 
@@ -473,11 +476,58 @@ def external_eval(msg: Message, context: Context) -> Message:
     site = resolve_site(context)
     if site.role != R.ROLE_EXTERNAL:
         raise PermissionError(f"site {site.name} is a training site, not the external site")
-    model = _model(msg, context)
-    threshold = _num(msg.content[R.CONFIG], "threshold")
+    cfg = msg.content[R.CONFIG]
+    scorer = _scorer(msg, context, site)
+    thresholds = (json.loads(str(cfg["thresholds"])) if "thresholds" in cfg
+                  else {scorer.components.deep: _num(cfg, "threshold")})
     data = _load(site, context, ("test",))
-    report = external_report(model, data, threshold, data.survival,
-                             str(context.run_config["device"]))
+    out = external_components(scorer, thresholds, data.survival)
+    report = dict(out["components"][scorer.components.deep])
+    if len(thresholds) > 1 or out["resplit_auc"]:
+        report.update(out)
     return Message(
         RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(report)})}), reply_to=msg
     )
+
+
+def _scorer(msg: Message, context: Context, site: SiteContext) -> SiteScorer:
+    """The task's components as the coordinator sent them: the deep model's weights (when in
+    the message), the tabular/stacked models (config ``bundle``) and the component layout
+    (config ``components``; default: the deep model alone)."""
+    rc = context.run_config
+    cfg = msg.content.config_records.get(R.CONFIG) or ConfigRecord()
+    task = str(rc["task"])
+    comps = TaskComponents.from_task_config(
+        json.loads(str(cfg["components"])) if "components" in cfg else {"name": task})
+    deep = _model(msg, context) if R.ARRAYS in msg.content.array_records else None
+    bundle = {k: TabularState.from_bundle(v)
+              for k, v in json.loads(str(cfg.get("bundle", "{}"))).items()}
+    _load(site, context, ("test",) if site.role == R.ROLE_EXTERNAL else ("train",))  # task check
+    return SiteScorer(site.manifest, task, str(rc["profile"]), comps, deep, bundle,
+                      seed=int(_num(rc, "seed")), device=str(rc["device"]))
+
+
+def _component_probs(msg: Message, context: Context, site: SiteContext,
+                     splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of the component named in config ``component`` (default: the
+    deep model) on this site's rows of ``splits``."""
+    scorer = _scorer(msg, context, site)
+    cfg = msg.content.config_records.get(R.CONFIG) or ConfigRecord()
+    name = str(cfg.get("component", scorer.components.deep))
+    return scorer.labels(splits), scorer.probs(name, splits)
+
+
+@app.query(R.ACTION_TABULAR)
+@_guarded("tabular")
+def tabular(msg: Message, context: Context) -> Message:
+    """One step of a federated tabular fit (config ``op``: sums, lipschitz or train) for the
+    models named in config ``keys``; only sums, step bounds and coefficients go back."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is evaluation-only: training refused")
+    cfg = msg.content[R.CONFIG]
+    scorer = _scorer(msg, context, site)
+    result = site_tabular(scorer, str(cfg["op"]), json.loads(str(cfg.get("options", "{}"))),
+                          json.loads(str(cfg["keys"])))
+    return Message(RecordDict({R.INFO: ConfigRecord({"result": json.dumps(result)})}),
+                   reply_to=msg)

@@ -199,3 +199,42 @@ def crop_resize(
 def standardise(x: F32) -> F32:
     """Zero-mean, unit-variance scaling of one sample (per clip)."""
     return ((x - x.mean()) / (x.std() + 1e-6)).astype(np.float32)
+
+
+MASK_SUFFIXES = {".png", ".tif", ".tiff", ".bmp", ".npy"}
+
+
+def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> npt.NDArray[np.bool_]:
+    """Read a binary ROI mask (PNG/TIFF/BMP image or ``.npy`` array; non-zero = inside).
+
+    Raises
+    ------
+    DataError
+        Missing or unreadable file, an empty mask, or (with ``shape``) a mask whose size differs
+        from the image's; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError.single(path, "file not found")
+    suffix = path.suffix.lower()
+    if suffix not in MASK_SUFFIXES:
+        raise DataError.single(path, f"unsupported mask format '{suffix}' (use "
+                               f"{', '.join(sorted(MASK_SUFFIXES))})")
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError.single(path, f"not a readable .npy array ({exc})") from None
+    else:
+        arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if arr is None:
+            raise DataError.single(path, "image cannot be decoded")
+    if arr.ndim != 2:
+        raise DataError.single(path, f"a mask must be 2-D, found shape {tuple(arr.shape)}")
+    mask = np.asarray(arr) > 0
+    if not mask.any():
+        raise DataError.single(path, "the mask is empty (no pixel inside the ROI)")
+    if shape is not None and mask.shape != tuple(shape):
+        raise DataError.single(path, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                               f"{shape[1]}x{shape[0]}")
+    return mask

@@ -16,7 +16,7 @@ import numpy as np
 
 from hcc_fl.client.io import VIDEO_SUFFIXES, read_dicom_header
 from hcc_fl.shared.errors import DataError, DataIssue
-from hcc_fl.shared.tasks import Column, TaskSpec
+from hcc_fl.shared.tasks import Column, TaskSpec, get_task
 
 IDENTIFYING = {"patient_id"}
 MAX_ISSUES = 200
@@ -177,3 +177,16 @@ def validate_manifest(
         raise DataError(issues)
     clean = tuple({k: (v or "").strip() for k, v in r.items()} for r in rows)
     return Manifest(path, path.parent, clean, file_sha256(path))
+
+
+_MANIFESTS: dict[tuple[str, int, int, str], Manifest] = {}
+
+
+def validated_manifest(path: Path, task_name: str) -> Manifest:
+    """The validated manifest, re-validated only when the file changed (a federated fit asks
+    for the same rows dozens of times)."""
+    st = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0, task_name)
+    if st is None or key not in _MANIFESTS:
+        _MANIFESTS[key] = validate_manifest(path, get_task(task_name))
+    return _MANIFESTS[key]

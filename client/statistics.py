@@ -43,8 +43,12 @@ def validation_sums(model: nn.Module, data: SiteData, grid: ScoreGrid, device: s
                     ) -> dict[str, Any]:
     """Pass 1 at a training site: class-wise histograms and calibration sums of the val split,
     plus the site's own AUC with DeLong CI (a per-site summary)."""
-    prob = predict(model, data, device)
-    y = data.label.numpy().astype(np.float64)
+    return validation_sums_prob(data.label.numpy().astype(np.float64),
+                                predict(model, data, device), grid)
+
+
+def validation_sums_prob(y: F64, prob: F64, grid: ScoreGrid) -> dict[str, Any]:
+    """:func:`validation_sums` of given probabilities (any component of a task)."""
     pos, neg = site_histograms(y, prob, grid)
     out: dict[str, Any] = {
         "pos": pos, "neg": neg, "calibration": site_calibration_sums(y, prob),
@@ -63,8 +67,14 @@ def validation_placements(
 ) -> F64:
     """Pass 2 at a training site: placement-value sums against the pooled histograms,
     flattened as [case sums (6), control sums (6)]."""
-    prob = predict(model, data, device)
-    s = site_placement_sums(data.label.numpy(), prob, pooled, grid)
+    return validation_placements_prob(data.label.numpy().astype(np.float64),
+                                      predict(model, data, device), pooled, grid)
+
+
+def validation_placements_prob(y: F64, prob: F64, pooled: tuple[F64, F64], grid: ScoreGrid
+                               ) -> F64:
+    """:func:`validation_placements` of given probabilities."""
+    s = site_placement_sums(y, prob, pooled, grid)
     return np.concatenate([s.case, s.control])
 
 
@@ -101,8 +111,15 @@ def external_report(
     coordinates; and, for each survival endpoint given, Kaplan-Meier curves of the high- and
     low-score groups at the threshold with the log-rank test.
     """
-    prob = predict(model, data, device)
-    y = data.label.numpy().astype(np.float64)
+    return external_report_prob(data.label.numpy().astype(np.float64),
+                                predict(model, data, device), threshold, survival, n_boot)
+
+
+def external_report_prob(
+    y: F64, prob: F64, threshold: float, survival: dict[str, tuple[F64, F64]] | None = None,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """:func:`external_report` of given probabilities (any component of a task)."""
     out: dict[str, Any] = {"n": int(len(y)), "n_pos": int(y.sum()), "threshold": threshold,
                            "loss": bce_loss(prob, y)}
     both = 0 < y.sum() < len(y)
@@ -168,9 +185,17 @@ def pooled_validation(
 ) -> tuple[float, dict[str, Any]]:
     """The federated two-pass validation run in one process (for the baselines): the same site
     sums, combined by the same coordinator code as under Flower."""
+    return pooled_validation_probs(
+        {s: (d.label.numpy().astype(np.float64), predict(model, d, device))
+         for s, d in parts.items()}, grid)
+
+
+def pooled_validation_probs(parts: dict[str, tuple[F64, F64]], grid: ScoreGrid
+                            ) -> tuple[float, dict[str, Any]]:
+    """:func:`pooled_validation` of given (labels, probabilities) per site."""
     from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
 
-    pass1 = {s: validation_sums(model, d, grid, device) for s, d in parts.items()}
+    pass1 = {s: validation_sums_prob(y, p, grid) for s, (y, p) in parts.items()}
     threshold, hist, block = combine_pass1(pass1, grid)
-    vectors = [validation_placements(model, d, hist, grid, device) for d in parts.values()]
+    vectors = [validation_placements_prob(y, p, hist, grid) for y, p in parts.values()]
     return threshold, finish_pass2(block, vectors)

@@ -52,7 +52,8 @@ def resolve_device(name: str) -> str:
 
 def _augment(video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(video.shape[0], generator=gen) < 0.5
-    video = torch.where(flip[:, None, None, None, None], video.flip(-1), video)
+    flip = flip.view(-1, *([1] * (video.dim() - 1)))
+    video = torch.where(flip, video.flip(-1), video)
     noise = torch.randn(video.shape, generator=gen) * 0.05
     return video + noise
 

@@ -41,8 +41,18 @@ def check_config(cfg: dict[str, Any]) -> None:
     if task not in TASKS:
         raise ConfigError(f"task.name: unknown task '{task}'; known: {', '.join(sorted(TASKS))}")
     if not TASKS[task].trainable:
+        trainable = ", ".join(sorted(t for t, spec in TASKS.items() if spec.trainable))
         raise ConfigError(f"task.name: task '{task}' has no training pipeline in this release "
-                          "(trainable: ki67_ceus)")
+                          f"(trainable: {trainable})")
+    from hcc_fl.shared.components import TaskComponents
+
+    try:
+        comps = TaskComponents.from_task_config(cfg["task"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"task: {exc}") from exc
+    if comps.tabular and (comps.rounds < 1 or comps.local_epochs < 1 or comps.resplits < 0):
+        raise ConfigError("task.tabular_rounds and task.tabular_local_epochs must be >= 1 and "
+                          "task.resplits >= 0")
     fed = cfg["federation"]
     for key in ("rounds", "local_epochs", "min_sites"):
         if int(fed[key]) < 1:
@@ -79,5 +89,12 @@ def check_config(cfg: dict[str, Any]) -> None:
     if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
         raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
                           "(the coordinator must see each update to clip it); use privacy=dp")
+    if comps.tabular and privacy.mode != "none":
+        raise ConfigError(f"privacy={privacy.mode}: task {task} also fits tabular models "
+                          f"({', '.join(comps.names[1:])}), which DP does not cover in this "
+                          "release; use privacy=none or a task with the deep model only")
+    if comps.tabular and (cfg.get("secure_aggregation") or {}).get("enabled"):
+        raise ConfigError(f"secure_aggregation.enabled: task {task}'s tabular models are "
+                          "aggregated in the clear in this release; disable it for this task")
     if cfg["model"]["profile"] not in ("tiny", "full"):
         raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")

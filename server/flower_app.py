@@ -36,6 +36,13 @@ from hcc_fl.server.strategy import (
 )
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
+from hcc_fl.shared.components import (
+    TabularState,
+    TaskComponents,
+    fit_components,
+    main_models,
+    selection_summary,
+)
 from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
 from hcc_fl.shared.jsonio import write_json
 from hcc_fl.shared.metrics.pooled import ScoreGrid
@@ -134,14 +141,16 @@ def discover_sites(
 
 def pooled_validation(
     grid_: Grid, train_nodes: list[int], names: dict[int, str], final: ArrayRecord,
-    grid: ScoreGrid, timeout: float,
+    grid: ScoreGrid, timeout: float, component: dict[str, str] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Two passes of summed sufficient statistics over the training sites' validation split.
 
     Pass 1 (histograms, calibration sums) gives the Youden threshold and calibration; pass 2
     (placement sums against the broadcast pooled histograms) gives the AUC with its DeLong CI.
+    ``component`` (config entries ``component``, ``components``, ``bundle``) selects another
+    component of the task than the deep model.
     """
-    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord()})
+    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(dict(component or {}))})
     pass1: dict[str, dict[str, Any]] = {}
     for reply in _query(grid_, train_nodes, R.ACTION_VALIDATION, content, timeout):
         site = names.get(reply.metadata.src_node_id, "?")
@@ -161,8 +170,8 @@ def pooled_validation(
     if not pass1:
         raise FederationError("no training site returned validation statistics")
     threshold, (pos, neg), validation = combine_pass1(pass1, grid)
-    content = RecordDict({R.ARRAYS: final, R.METRICS: MetricRecord(
-        {"pos": pos.tolist(), "neg": neg.tolist()})})
+    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(dict(component or {})),
+                          R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
     vectors = []
     responders = [n for n in train_nodes if names[n] in pass1]
     for reply in _query(grid_, responders, R.ACTION_PLACEMENTS, content, timeout):
@@ -214,14 +223,47 @@ def secure_pooled_validation(
 
 
 def external_evaluation(
-    grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float
+    grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float,
+    components: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Ask the external site for its aggregate statistics of the final model."""
-    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord({"threshold": threshold})})
+    """Ask the external site for its aggregate statistics of the final model (and, with
+    ``components``: ``thresholds``, ``components``, ``bundle``, of every component)."""
+    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(
+        {"threshold": threshold, **(components or {})})})
     reply = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)[0]
     if reply.has_error():
         raise FederationError(f"external evaluation failed: {reply.error.reason}")
     return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
+
+
+def tabular_asker(
+    grid_: Grid, nodes: list[int], names: dict[int, str], comps_json: str, timeout: float,
+    fixed: dict[str, TabularState] | None = None, deep: ArrayRecord | None = None,
+) -> Any:
+    """``ask(op, options, states)`` for :func:`hcc_fl.shared.components.fit_tabular`: one
+    ``tabular`` query to the training sites carrying the models being fitted (plus ``fixed``
+    ones and the deep weights that a stacked model scores with)."""
+
+    def ask(op: str, options: dict[str, Any], states: dict[str, TabularState]
+            ) -> list[dict[str, Any]]:
+        bundle = {k: st.to_bundle() for k, st in {**(fixed or {}), **states}.items()}
+        content = RecordDict({R.CONFIG: ConfigRecord({
+            "op": op, "options": json.dumps(options), "keys": json.dumps(list(states)),
+            "bundle": json.dumps(bundle), "components": comps_json})})
+        if deep is not None:
+            content[R.ARRAYS] = deep
+        out = []
+        for reply in _query(grid_, nodes, R.ACTION_TABULAR, content, timeout):
+            if reply.has_error():
+                log.warning("tabular %s failed at %s: %s", op,
+                            names.get(reply.metadata.src_node_id, "?"), reply.error.reason)
+                continue
+            out.append(json.loads(str(reply.content[R.INFO]["result"])))
+        if not out:
+            raise FederationError(f"no training site answered the tabular step '{op}'")
+        return out
+
+    return ask
 
 
 @app.main()
@@ -356,8 +398,27 @@ def run_arm(grid_: Grid, context: Context) -> None:
     else:
         threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid,
                                                   timeout)
-    external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout)
-                      if ext_nodes else None)
+    comps = TaskComponents.from_task_config(cfg["task"])
+    states: dict[str, TabularState] = {}
+    thresholds = {comps.deep: threshold}
+    component_validation: dict[str, Any] = {}
+    extra: dict[str, str] | None = None
+    if len(comps.names) > 1:
+        comps_json = json.dumps(cfg["task"])
+        states = fit_components(
+            comps, lambda fixed, with_deep: tabular_asker(
+                grid_, train_nodes, names, comps_json, timeout, fixed=fixed,
+                deep=final if with_deep else None),
+            float(arm_cfg.get("proximal_mu", 0.0)))
+        main_bundle = json.dumps({k: st.to_bundle() for k, st in main_models(states).items()})
+        for name in comps.names[1:]:
+            thresholds[name], component_validation[name] = pooled_validation(
+                grid_, train_nodes, names, final, grid, timeout,
+                {"component": name, "components": comps_json, "bundle": main_bundle})
+        extra = {"thresholds": json.dumps(thresholds), "components": comps_json,
+                 "bundle": json.dumps({k: st.to_bundle() for k, st in states.items()})}
+    external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout,
+                                          extra) if ext_nodes else None)
 
     torch.save(model.state_dict(), arm_dir / "model.pt")
     write_json(arm_dir / "result.json", {
@@ -374,6 +435,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "threshold": threshold,
         "validation": validation,
         "external": external_stats,
+        "component_thresholds": thresholds,
+        "component_validation": component_validation,
+        "tabular": {k: selection_summary(st) for k, st in main_models(states).items()},
         "sites": [
             {"site": v["site"], "role": v["role"], "code_version": v["code-version"],
              "manifest_sha256": v["manifest-sha256"],

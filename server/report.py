@@ -200,12 +200,14 @@ def build_report(run_dir: Path) -> str:
         ])
     parts.append(_table(["arm", "AUC (95% CI)", "threshold", "sensitivity", "specificity",
                          "accuracy", "PPV", "NPV", "Brier", "cal. slope"], rows))
-    plots = [p for p in (_roc_plot(ext), _calibration_plot(ext), _decision_plot(ext)) if p]
+    deep = {a: e for a, e in ext.items() if "/" not in a}
+    plots = [p for p in (_roc_plot(deep), _calibration_plot(deep), _decision_plot(deep)) if p]
     captions = ["ROC curves of every arm on the external site",
                 "Calibration of every arm on the external site",
                 "Decision curves (net benefit) on the external site"]
     parts.append('<div class="grid">' + "".join(
         _figure(p, c) for p, c in zip(plots, captions, strict=False)) + "</div>")
+    parts.extend(_components_section(metrics))
 
     comps = metrics.get("comparisons") or []
     if comps:
@@ -270,7 +272,7 @@ def build_report(run_dir: Path) -> str:
         ["model profile", html.escape(cfg["model"]["profile"])],
         ["federated strategies", html.escape(arms_desc)],
         ["rounds x local epochs", f"{fed['rounds']} x {fed['local_epochs']}"],
-        ["baselines", html.escape(", ".join(a for a in ext if a not in
+        ["baselines", html.escape(", ".join(a for a in deep if a not in
                                             [x["name"] for x in cfg["strategy"]["arms"]]))],
         ["privacy", html.escape(_privacy_text(metrics.get("privacy") or {},
                                               _secure_aggregation(metrics)))],
@@ -292,6 +294,68 @@ def build_report(run_dir: Path) -> str:
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>hcc-fl report {html.escape(metrics['run_name'])}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
+
+
+def _components_section(metrics: dict[str, Any]) -> list[str]:
+    """The task's models compared within each arm: paired DeLong tests, the primary arm's ROC,
+    calibration and decision curves per model, re-split robustness and selected features."""
+    block = metrics.get("components") or {}
+    names = block.get("names") or []
+    if len(names) < 2:
+        return []
+    ext = metrics.get("external", {})
+    deep = block["deep"]
+    primary = metrics.get("model", {}).get("arm")
+    parts = ["<h2>The task's models compared (external site)</h2>",
+             f"<p>Models: {html.escape(', '.join(names))}. Each has its own Youden threshold "
+             "from the pooled training-site validation sums; DeLong tests are paired (same "
+             "external patients) and run at the external site.</p>"]
+    rows = []
+    for arm, comps in (block.get("comparisons") or {}).items():
+        for c in comps:
+            rows.append([html.escape(arm), html.escape(c["a"]), html.escape(c["b"]),
+                         _f(c["auc_a"]), _f(c["auc_b"]),
+                         _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")),
+                         _f(c.get("z"), 2), _f(c.get("p_value"), 4)])
+    if rows:
+        parts.append(_table(["arm", "model A", "model B", "AUC A", "AUC B",
+                             "difference (95% CI)", "z", "p"], rows))
+    if primary:
+        sub = {(deep if n == deep else n): ext.get(primary if n == deep else f"{primary}/{n}")
+               for n in names}
+        sub = {n: e for n, e in sub.items() if e}
+        plots = [(_roc_plot(sub), f"ROC of each model, {primary} arm"),
+                 (_calibration_plot(sub), f"Calibration of each model, {primary} arm"),
+                 (_decision_plot(sub), f"Decision curves of each model, {primary} arm")]
+        parts.append('<div class="grid">' + "".join(
+            _figure(p, c) for p, c in plots if p) + "</div>")
+    robust = block.get("robustness") or {}
+    if robust:
+        parts.append(f"<h3>Robustness: {block.get('resplits')} seeded re-splits of the "
+                     "training sites' train/validation rows</h3>")
+        parts.append('<p class="note">Each re-split refits the tabular models federated; the '
+                     "external AUC of every refit is reported.</p>")
+        parts.append(_table(
+            ["arm", "model", "mean AUC", "SD", "min", "max", "AUCs"],
+            [[html.escape(arm), html.escape(name), _f(r.get("mean")), _f(r.get("sd")),
+              _f(r.get("min")), _f(r.get("max")),
+              ", ".join(_f(a) for a in r.get("auc", []))]
+             for arm, per in robust.items() for name, r in per.items()]))
+    tab = (block.get("tabular") or {}).get(primary or "", {})
+    if tab:
+        parts.append(f"<h3>Selected features ({html.escape(str(primary))} arm)</h3>")
+        rows = []
+        for k, t in tab.items():
+            sel = t.get("selected", [])
+            shown = ", ".join(f"{html.escape(x['feature'])} ({x['coef']:+.2f})"
+                              for x in sel[:12])
+            more = f" and {len(sel) - 12} more" if len(sel) > 12 else ""
+            rows.append([html.escape(k.split("@")[0]), html.escape(t["spec"]["penalty"]),
+                         _f(t["spec"]["alpha"], 3), f"{len(sel)} / {t.get('n_features')}",
+                         shown + more])
+        parts.append(_table(["model", "penalty", "alpha", "selected", "largest coefficients "
+                             "(standardised)"], rows))
+    return parts
 
 
 def _secure_aggregation(metrics: dict[str, Any]) -> bool:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,6 +43,47 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     """Headline keys first, then the detailed blocks (calibration, curves, survival)."""
     head = {k: stats.get(k) for k in SUMMARY_KEYS}
     return clean({**head, **{k: v for k, v in stats.items() if k not in head}})  # type: ignore[no-any-return]
+
+
+def _components_block(cfg: dict[str, Any]) -> dict[str, Any]:
+    from hcc_fl.shared.components import TaskComponents
+
+    comps = TaskComponents.from_task_config(cfg["task"])
+    return {"deep": comps.deep, "names": comps.names, "resplits": comps.resplits,
+            "thresholds": {}, "comparisons": {}, "robustness": {}, "tabular": {},
+            "validation": {}}
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if not v.size:
+        return {"auc": values, "n": 0}
+    return {"auc": values, "n": int(v.size), "mean": float(v.mean()),
+            "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def _add_arm(external: dict[str, Any], block: dict[str, Any], arm: str, stats: dict[str, Any],
+             thresholds: dict[str, float] | None, validation: dict[str, Any] | None,
+             tabular: dict[str, Any] | None) -> None:
+    """One arm's external results: the deep model under the arm's name, every other component
+    as ``<arm>/<component>``; the DeLong comparisons between components, re-split spreads,
+    thresholds and selected features go to the ``components`` block of metrics.json."""
+    stats = dict(stats)
+    per_component = stats.pop("components", None)
+    comparisons = stats.pop("comparisons", None)
+    resplit = stats.pop("resplit_auc", None)
+    external[arm] = _summary(stats)
+    if per_component:
+        for name, rep in per_component.items():
+            if name != block["deep"]:
+                external[f"{arm}/{name}"] = _summary(rep)
+        block["comparisons"][arm] = clean(comparisons or [])
+        block["thresholds"][arm] = thresholds or {}
+        block["validation"][arm] = clean(validation or {})
+        block["tabular"][arm] = clean(tabular or {})
+    if resplit:
+        block["robustness"][arm] = {name: _spread(v) for name, v in resplit.items()}
 
 
 def load_index(data_root: Path) -> dict[str, Any]:
@@ -330,10 +372,12 @@ def run_simulation(
     sites: list[dict[str, Any]] = []
     validation: dict[str, Any] = {}
     federated: dict[str, Any] = {}
+    components = _components_block(cfg)
     for arm, res in arm_results.items():
         federated[arm] = {k: res.get(k) for k in ("aggregated_rounds", "resumed_after_round",
                                                   "train_seconds", "secure_aggregation")}
-        external[arm] = _summary(res["external"])
+        _add_arm(external, components, arm, res["external"], res.get("component_thresholds"),
+                 res.get("component_validation"), res.get("tabular"))
         validation[arm] = res["validation"]
         history.extend(res["history"])
         rejections.extend(res["rejections"])
@@ -344,11 +388,13 @@ def run_simulation(
             (work / "checkpoints").mkdir(exist_ok=True)
             shutil.move(str(ckpt), work / "checkpoints" / f"{arm}.pt")
     for b in baselines:
-        external[b.name] = _summary(b.external)
+        _add_arm(external, components, b.name, b.external, b.component_thresholds,
+                 b.component_validation, b.tabular)
         validation[b.name] = b.validation
         history.extend(b.history)
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
-    comparisons = (_compare_arms(cfg, data_root, index, models, list(external))
+    deep_arms = [a for a in external if "/" not in a]
+    comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
                    if deployment is None else [])
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
@@ -369,6 +415,7 @@ def run_simulation(
         ),
         "external": external,
         "comparisons": comparisons,
+        "components": components,
         "validation": validation,
         "sites": sites,
         "rejected_replies": rejections,
@@ -405,7 +452,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"cases={first.get('n_pos')}  (task {metrics['task']})",
         f"Threshold: {metrics['threshold_rule']}",
         "",
-        f"{'arm':<16}{'AUC':>7}  {'95% CI (DeLong)':<16}{'thr':>7}{'sens':>7}{'spec':>7}"
+        f"{'arm':<22}{'AUC':>7}  {'95% CI (DeLong)':<16}{'thr':>7}{'sens':>7}{'spec':>7}"
         f"{'acc':>7}{'PPV':>7}{'NPV':>7}",
     ]
 
@@ -416,7 +463,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         ci = s.get("auc_ci")
         ci_s = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and None not in ci else "n/a"
         lines.append(
-            f"{arm:<16}{f(s.get('auc'))}  {ci_s:<16}{f(s.get('threshold'))}"
+            f"{arm:<22}{f(s.get('auc'))}  {ci_s:<16}{f(s.get('threshold'))}"
             f"{f(s.get('sensitivity'))}{f(s.get('specificity'))}{f(s.get('accuracy'))}"
             f"{f(s.get('ppv'))}{f(s.get('npv'))}"
         )

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from hcc_fl.shared.dicom_write import StudyInfo, write_mr_series, write_us_cine, write_us_image
+from hcc_fl.shared.perfusion import PHANTOM_GAMMA
 from hcc_fl.shared.phantom_images import (
     CeusParams,
     SiteImaging,
@@ -191,6 +192,7 @@ def _latents(site: SiteProfile, rng: np.random.Generator, pid: str) -> Patient:
         "fps": site.imaging.fps,
         "dr_db": site.imaging.dr_db,
         "gain_db": site.imaging.gain_db,
+        "gamma": PHANTOM_GAMMA if site.imaging.gamma_law else 1.0,
     }
     truth = {
         "patient_id": pid,
@@ -354,7 +356,7 @@ MANIFEST_COLUMNS = [
     "ki67_index", "ki67_high", "prolif", "tace_or", "er_1y",
     "rfs_time", "rfs_event", "pfs_time", "pfs_event", "ihr_time", "ihr_event",
     "death_30d", "os_time", "os_event",
-    "fps", "dr_db", "gain_db",
+    "fps", "dr_db", "gain_db", "gamma",
 ]
 
 

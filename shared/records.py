@@ -15,6 +15,7 @@ ACTION_SITE_INFO = "site_info"
 ACTION_VALIDATION = "validation_sums"
 ACTION_PLACEMENTS = "validation_placements"
 ACTION_EXTERNAL = "external_eval"
+ACTION_TABULAR = "tabular"  # one step of a federated tabular fit (client/components.py)
 ACTION_SECAGG_SETUP = "secagg_setup"
 ACTION_SECAGG_SHARE = "secagg_share"
 ACTION_SECAGG_MASKED = "secagg_masked"

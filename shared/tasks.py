@@ -86,6 +86,15 @@ _SURVIVAL_HCC = (
     Column("rfs_event", "binary", required=False),
 )
 
+# The scanner's log-compression law, needed to linearise CEUS intensities for the TIC analysis
+# (shared/perfusion.linearise): dynamic range and gain in dB, and the exponent of a gamma-curved
+# law (1 = plain log compression, the default when the column is absent or empty).
+_COMPRESSION = (
+    Column("dr_db", "float", lo=1, hi=120),
+    Column("gain_db", "float", required=False, lo=-60, hi=60),
+    Column("gamma", "float", required=False, lo=0.1, hi=5),
+)
+
 KI67_CLINICAL = (
     ClinicalFeature("age", "identity", 55.0, 10.0),
     ClinicalFeature("sex", "sex_male", 0.85, 0.36),
@@ -124,11 +133,13 @@ TASKS: dict[str, TaskSpec] = {
             *_ID,
             Column("ceus_cine", "cine", modality="US"),
             *_ROI,
-            Column("ceus_lesion_mask", "mask", required=False),
+            Column("ceus_lesion_mask", "mask"),
             Column("bmode", "dicom", modality="US"),
             Column("tumor_size_cm", "float", lo=0.1, hi=40),
+            *_COMPRESSION,
             Column("tace_or", "binary", label=True),
         ),
+        trainable=True,
     ),
     "er_ceus": TaskSpec(
         name="er_ceus",
@@ -140,11 +151,13 @@ TASKS: dict[str, TaskSpec] = {
             Column("bmode", "dicom", modality="US"),
             Column("ceus_ap", "dicom", modality="US"),
             Column("ceus_pp", "dicom", modality="US"),
-            Column("ceus_lesion_mask", "mask", required=False),
+            Column("ceus_lesion_mask", "mask"),
             Column("er_1y", "binary", label=True),
             Column("rfs_time", "float", required=False, lo=0, hi=1000),
             Column("rfs_event", "binary", required=False),
         ),
+        trainable=True,
+        survival_endpoints=(("rfs_time", "rfs_event"),),
     ),
     "phcc_mri": TaskSpec(
         name="phcc_mri",

@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from hcc_fl.shared.models.cecmm import CECMM, PROFILES, CecmmConfig
+from hcc_fl.shared.models.er import ER_PROFILES, ErConfig, SharedResNet2D
 
-__all__ = ["CECMM", "CecmmConfig", "build_model", "input_shape"]
+__all__ = ["CECMM", "CecmmConfig", "ErConfig", "SharedResNet2D", "build_model", "input_shape"]
+
+_TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus")
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise KeyError(f"unknown model profile '{profile}'; known: {', '.join(PROFILES)}")
 
 
 def build_model(task: str, profile: str) -> nn.Module:
-    """Build the model of ``task`` at ``profile`` (``tiny`` or ``full``).
+    """Build the deep model of ``task`` at ``profile`` (``tiny`` or ``full``).
+
+    ``ki67_ceus``: CECMM (video + 7 clinical variables); ``tace_ceus``: R-DLCEUS, the same video
+    encoder without the clinical branch; ``er_ceus``: the shared 2-D ResNet over three images.
 
     Raises
     ------
     KeyError
         Unknown task or profile (the message lists what is known).
     """
+    _check_profile(profile)
     if task == "ki67_ceus":
-        if profile not in PROFILES:
-            raise KeyError(f"unknown model profile '{profile}'; known: {', '.join(PROFILES)}")
         return CECMM(PROFILES[profile])
-    raise KeyError(f"task '{task}' has no model in this release; trainable: ki67_ceus")
+    if task == "tace_ceus":
+        return CECMM(replace(PROFILES[profile], n_clinical=0))
+    if task == "er_ceus":
+        return SharedResNet2D(ER_PROFILES[profile])
+    raise KeyError(f"task '{task}' has no model in this release; trainable: "
+                   f"{', '.join(_TRAINABLE)}")
 
 
 def input_shape(task: str, profile: str) -> tuple[int, int]:
-    """(frames, size) of the video input of ``task`` at ``profile``."""
-    if task == "ki67_ceus":
+    """(frames, size) of the image input of ``task`` at ``profile`` (frames 0: still images)."""
+    _check_profile(profile)
+    if task in ("ki67_ceus", "tace_ceus"):
         cfg = PROFILES[profile]
         return cfg.frames, cfg.size
+    if task == "er_ceus":
+        return 0, ER_PROFILES[profile].size
     raise KeyError(f"task '{task}' has no model in this release")

@@ -32,3 +32,28 @@ def test_unknown_names() -> None:
         build_model("ki67_ceus", "huge")
     with pytest.raises(KeyError, match="trainable"):
         build_model("aclf_us", "tiny")
+
+
+def test_tace_and_er_models() -> None:
+    import torch
+
+    from hcc_fl.shared.models import build_model, input_shape
+
+    tace = build_model("tace_ceus", "tiny")
+    assert tace.clinical is None  # R-DLCEUS: the video encoder alone
+    frames, size = input_shape("tace_ceus", "tiny")
+    assert tace(torch.zeros(2, 1, frames, size, size)).shape == (2, 1)
+    er = build_model("er_ceus", "tiny")
+    # MONAI ResNet basic [1,1,1,1] widths 8..64 (77,640) + a linear head on 3 x 64 features
+    assert sum(p.numel() for p in er.parameters()) == 77_640 + 3 * 64 + 1
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in er.modules())
+    assert input_shape("er_ceus", "tiny") == (0, 64)
+    x = torch.randn(2, 3, 64, 64)
+    er.eval()
+    out = er(x)
+    assert out.shape == (2, 1)
+    # one backbone shared by the three images: swapping the images changes only the order of
+    # the concatenated features
+    f = er.features(x)  # type: ignore[operator]
+    g = er.features(x[:, [1, 0, 2]])  # type: ignore[operator]
+    assert torch.allclose(f[:, :64], g[:, 64:128]) and torch.allclose(f[:, 64:128], g[:, :64])

@@ -1,0 +1,299 @@
+"""The models of a task besides its deep network: federated tabular models and a stacked model.
+
+A task's *components* are scored models that the external site compares with DeLong tests:
+
+* the **deep** model (trained by the Flower round loop; its name comes from ``task.deep``),
+* **tabular** models (``task.tabular``): a penalised logistic regression on a site-computed
+  feature block (``tic``, ``bmode``, ``radiomics``), standardised from summed site statistics
+  and trained by FedAvg/FedProx over its coefficients with the L1 share applied by the server
+  (proximal gradient, exact zeros),
+* an optional **stacked** model (``task.stack``): a logistic regression on the logits of other
+  components' scores, fitted on the held-out validation split.
+
+Tabular models are keyed ``<name>@<r>``: ``r = 0`` uses the manifest's own train/validation
+split, ``r = 1..resplits`` a seeded re-split of each site's train+val rows (robustness).
+
+This module holds the plain-data pieces shared by the coordinator, the sites and the in-process
+baselines (no Flower, no torch): the specs, the bundle that travels to the sites, the seeded
+re-split, and the server-side combination steps.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hcc_fl.shared.tabular import (
+    FeatureSums,
+    LogisticModel,
+    Standardiser,
+    _soft_threshold,
+    combine_sums,
+    fedavg,
+)
+
+F64 = npt.NDArray[np.float64]
+PENALTIES = ("l1", "l2", "elasticnet")
+
+
+@dataclass(frozen=True)
+class TabularSpec:
+    """One tabular model: its name, feature block and penalty (tabular.py conventions)."""
+
+    name: str
+    block: str
+    penalty: str = "l1"
+    alpha: float = 0.02
+    l1_ratio: float = 0.5
+    inputs: tuple[str, ...] = ()  # stacked model: the components whose logits are its features
+
+    @property
+    def l1_strength(self) -> float:
+        """The L1 share of the penalty (what the server soft-thresholds with)."""
+        if self.penalty == "l1":
+            return self.alpha
+        if self.penalty == "elasticnet":
+            return self.alpha * self.l1_ratio
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "block": self.block, "penalty": self.penalty,
+                "alpha": self.alpha, "l1_ratio": self.l1_ratio, "inputs": list(self.inputs)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TabularSpec:
+        spec = cls(str(d["name"]), str(d.get("block", "stack")), str(d.get("penalty", "l1")),
+                   float(d.get("alpha", 0.02)), float(d.get("l1_ratio", 0.5)),
+                   tuple(str(x) for x in d.get("inputs", ())))
+        if spec.penalty not in PENALTIES:
+            raise ValueError(f"component {spec.name}: penalty must be one of "
+                             f"{', '.join(PENALTIES)}, got '{spec.penalty}'")
+        if not spec.alpha >= 0:
+            raise ValueError(f"component {spec.name}: alpha must be >= 0")
+        return spec
+
+
+@dataclass(frozen=True)
+class TaskComponents:
+    """The components of a task, read from its config block."""
+
+    deep: str
+    tabular: tuple[TabularSpec, ...] = ()
+    stack: TabularSpec | None = None
+    rounds: int = 30
+    local_epochs: int = 5
+    resplits: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        """Every component, deep first."""
+        out = [self.deep, *(t.name for t in self.tabular)]
+        return [*out, self.stack.name] if self.stack else out
+
+    @classmethod
+    def from_task_config(cls, task: Mapping[str, Any]) -> TaskComponents:
+        """Parse ``cfg["task"]``; a task without ``tabular`` has the deep model only."""
+        stack = task.get("stack")
+        tab = tuple(TabularSpec.from_dict(t) for t in task.get("tabular") or ())
+        out = cls(str(task.get("deep") or task["name"]), tab,
+                  TabularSpec.from_dict({**stack, "block": "stack"}) if stack else None,
+                  int(task.get("tabular_rounds", 30)), int(task.get("tabular_local_epochs", 5)),
+                  int(task.get("resplits", 0)))
+        names = out.names
+        if len(set(names)) != len(names):
+            raise ValueError(f"task components must have distinct names, got {names}")
+        if out.stack is not None:
+            unknown = set(out.stack.inputs) - set(names[:-1])
+            if len(out.stack.inputs) < 2 or unknown:
+                raise ValueError(f"stack.inputs must name at least two of {names[:-1]}")
+        return out
+
+
+def key(name: str, resplit: int = 0) -> str:
+    """The key of a tabular model fitted on re-split ``resplit`` (0 = the manifest's split)."""
+    return f"{name}@{resplit}"
+
+
+def split_key(k: str) -> tuple[str, int]:
+    name, _, r = k.rpartition("@")
+    return name, int(r)
+
+
+def resplit_parts(split: Sequence[str], resplit: int, seed: int, site_salt: str
+                  ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Training and validation row masks over the rows of ``split`` (train and val rows).
+
+    ``resplit = 0`` keeps the manifest's split. Otherwise the same number of validation rows as
+    the manifest has is drawn at random from all train+val rows, seeded by ``(seed, resplit,
+    site_salt)`` so every run and every arm draws the same re-splits.
+    """
+    s = np.asarray(split)
+    if resplit == 0:
+        return s == "train", s == "val"
+    pool = np.flatnonzero((s == "train") | (s == "val"))
+    n_val = int((s == "val").sum())
+    rng = np.random.default_rng([seed, resplit, zlib.crc32(site_salt.encode())])
+    val = np.zeros(len(s), dtype=bool)
+    val[rng.choice(pool, size=n_val, replace=False)] = True
+    train = np.zeros(len(s), dtype=bool)
+    train[pool] = True
+    return train & ~val, val
+
+
+def standardiser_from(parts: Sequence[FeatureSums]) -> Standardiser:
+    """Pool the sites' sums; a feature no site could measure (count 0) becomes a constant
+    (centred to 0, i.e. ignored by the model) instead of an error."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    missing = total.count < 1
+    if missing.any():
+        total = FeatureSums(total.names, np.where(missing, 1.0, total.count), total.total,
+                            total.total_sq, total.shift, total.n_rows)
+    return combine_sums([total])
+
+
+@dataclass
+class TabularState:
+    """The coordinator's state of one tabular model during its federated fit."""
+
+    spec: TabularSpec
+    standardiser: Standardiser | None = None
+    model: LogisticModel | None = None
+    lr: float = 1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_bundle(self) -> dict[str, Any]:
+        """What the sites need to score or train it (coefficients and standardisation)."""
+        return {"spec": self.spec.to_dict(),
+                "standardiser": self.standardiser.to_dict() if self.standardiser else None,
+                "model": self.model.to_dict() if self.model else None, "lr": self.lr}
+
+    @classmethod
+    def from_bundle(cls, d: Mapping[str, Any]) -> TabularState:
+        return cls(TabularSpec.from_dict(d["spec"]),
+                   Standardiser.from_dict(d["standardiser"]) if d.get("standardiser") else None,
+                   LogisticModel.from_dict(d["model"]) if d.get("model") else None,
+                   float(d.get("lr", 1.0)))
+
+
+def server_step(state: TabularState, replies: Sequence[tuple[F64, int, float, float]],
+                rnd: int) -> None:
+    """Replace the global model by the FedAvg of the sites' ``(theta, n, loss, steps)`` and
+    soft-threshold the L1 share (``lr x l1 x`` the weighted mean number of local steps)."""
+    if not replies:
+        return
+    old = state.model.to_vector() if state.model is not None else None
+    new = fedavg([(LogisticModel.from_vector(t), n) for t, n, _, _ in replies])
+    ns = np.array([n for _, n, _, _ in replies], dtype=np.float64)
+    steps = float(np.dot(ns, [s for *_, s in replies]) / ns.sum())
+    a1 = state.spec.l1_strength
+    if a1 > 0:
+        new = LogisticModel(_soft_threshold(new.weights, np.full(new.n_features,
+                                                                 state.lr * a1 * steps)),
+                            new.intercept)
+    state.model = new
+    state.history.append({
+        "round": rnd,
+        "train_loss": float(np.dot(ns, [loss for _, _, loss, _ in replies]) / ns.sum()),
+        "n_selected": int(np.count_nonzero(new.weights)),
+        "step_norm": (float(np.linalg.norm(new.to_vector() - old)) if old is not None
+                      else math.nan),
+    })
+
+
+Ask = Callable[[str, dict[str, Any], dict[str, TabularState]], list[dict[str, Any]]]
+
+
+def fit_tabular(states: dict[str, TabularState], ask: Ask, rounds: int, epochs: int,
+                proximal_mu: float = 0.0,
+                on_round: Callable[[int, int], None] | None = None) -> None:
+    """The coordinator's loop of a federated tabular fit (all models of ``states`` at once).
+
+    ``ask(op, options, states)`` sends one step to every training site and returns their
+    replies (``{key: result}`` each; see ``client.components.tabular_step``):
+
+    1. ``sums`` twice: pooled mean, then the sums shifted by it -> exact pooled SD
+       (:func:`standardiser_from`);
+    2. ``lipschitz``: one common step ``1 / max_k L_k`` per model;
+    3. ``rounds`` x ``train``: FedAvg/FedProx of the sites' coefficients, L1 share
+       soft-thresholded by the server (:func:`server_step`).
+    """
+    if not states:
+        return
+    first = ask("sums", {}, states)
+    shift = {k: standardiser_from([FeatureSums.from_dict(r[k]) for r in first]).mean.tolist()
+             for k in states}
+    second = ask("sums", {"shift": shift}, states)
+    for k, st in states.items():
+        st.standardiser = standardiser_from([FeatureSums.from_dict(r[k]) for r in second])
+        st.model = LogisticModel.zeros(len(st.standardiser.names))
+    bounds = ask("lipschitz", {"proximal_mu": proximal_mu}, states)
+    for k, st in states.items():
+        st.lr = 1.0 / max(float(b[k]) for b in bounds)
+    for rnd in range(1, rounds + 1):
+        replies = ask("train", {"epochs": epochs, "proximal_mu": proximal_mu}, states)
+        for k, st in states.items():
+            server_step(st, [(np.asarray(r[k]["theta"], dtype=np.float64), int(r[k]["n"]),
+                              float(r[k]["loss"]), float(r[k]["steps"])) for r in replies], rnd)
+        if on_round:
+            on_round(rnd, rounds)
+
+
+def fit_components(
+    comps: TaskComponents,
+    ask_for: Callable[[dict[str, TabularState], bool], Ask],
+    proximal_mu: float = 0.0,
+    resplits: int | None = None,
+) -> dict[str, TabularState]:
+    """Fit a task's tabular models (every re-split at once), then its stacked model on the
+    held-out validation scores of the deep model and the tabular models.
+
+    ``ask_for(fixed, with_deep)`` returns the transport for one fit: ``fixed`` are models the
+    sites need for scoring but do not train, ``with_deep`` says whether the deep model's weights
+    must travel too (the stacked model scores with them). ``resplits`` overrides
+    ``comps.resplits``.
+    """
+    n_resplits = comps.resplits if resplits is None else resplits
+    states = {key(t.name, r): TabularState(t) for t in comps.tabular
+              for r in range(n_resplits + 1)}
+    fit_tabular(states, ask_for({}, False), comps.rounds, comps.local_epochs, proximal_mu)
+    if comps.stack is not None:
+        base = {k: st for k, st in states.items() if split_key(k)[1] == 0}
+        stack = {key(comps.stack.name): TabularState(comps.stack)}
+        fit_tabular(stack, ask_for(base, True), comps.rounds, comps.local_epochs, proximal_mu)
+        states.update(stack)
+    return states
+
+
+def main_models(states: Mapping[str, TabularState]) -> dict[str, TabularState]:
+    """The models fitted on the manifest's own split (re-split 0)."""
+    return {k: st for k, st in states.items() if split_key(k)[1] == 0}
+
+
+def selection_summary(st: TabularState) -> dict[str, Any]:
+    """The selected features (non-zero coefficients, largest first) and the fit's history."""
+    assert st.model is not None and st.standardiser is not None
+    from hcc_fl.shared.tabular import selected_features
+
+    return {"spec": st.spec.to_dict(), "n_features": len(st.standardiser.names),
+            "selected": [{"feature": f, "coef": c} for f, c in
+                         selected_features(st.model, st.standardiser.names)],
+            "intercept": st.model.intercept,
+            "unmeasured_or_constant": st.standardiser.constant_names,
+            "history": st.history}
+
+
+def stack_matrix(probs: Mapping[str, F64], inputs: Sequence[str], eps: float = 1e-6) -> F64:
+    """The stacked model's features: the logits of the input components' probabilities."""
+    cols = []
+    for name in inputs:
+        p = np.clip(np.asarray(probs[name], dtype=np.float64), eps, 1 - eps)
+        cols.append(np.log(p) - np.log1p(-p))
+    return np.column_stack(cols)
