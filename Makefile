@@ -18,7 +18,7 @@ export RAY_USAGE_STATS_ENABLED=0
 .PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help
 
 help:
-	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment"
+	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment (TASK: ki67_ceus, tace_ceus, er_ceus)"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
 	@echo "make demo-dp                the demo with local DP-SGD at epsilon 8 per site"
 	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"

@@ -33,3 +33,27 @@ def test_overrides() -> None:
 def test_bad_config_is_named(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         compose_config([override])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["task=tace_ceus", "privacy=dp"], "DP does not cover"),
+        (["task=er_ceus", "secure_aggregation.enabled=true"], "aggregated in the clear"),
+        (["task=tace_ceus", "task.tabular_rounds=0"], "tabular_rounds"),
+        (["task=er_ceus", "task.stack.inputs=[deep]"], "stack.inputs"),
+        (["task.name=phcc_mri"], "trainable: er_ceus, ki67_ceus, tace_ceus"),
+    ],
+)
+def test_task_component_configs_are_checked(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def test_tasks_compose_with_their_models() -> None:
+    from hcc_fl.shared.components import TaskComponents
+
+    names = {t: TaskComponents.from_task_config(compose_config([f"task={t}"])["task"]).names
+             for t in ("ki67_ceus", "tace_ceus", "er_ceus")}
+    assert names == {"ki67_ceus": ["cecmm"], "tace_ceus": ["r_dlceus", "r_tic", "r_bmode"],
+                     "er_ceus": ["deep", "radiomics", "combined"]}
