@@ -32,6 +32,8 @@ td:first-child,th:first-child{text-align:left}figure{margin:8px 0 20px}
 figcaption{color:#5a6878;font-size:0.85em}img{max-width:100%}.note{color:#5a6878;font-size:0.85em}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
 """
+ENDPOINTS = {"pfs": "progression-free survival", "ihr": "intrahepatic recurrence",
+             "rfs": "recurrence-free survival (early recurrence)", "os": "overall survival"}
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
 
 
@@ -132,7 +134,8 @@ def _km_plot(arm: str, endpoint: str, block: dict[str, Any]) -> str | None:
         ax.fill_between(t, [1.0, *c["lo"]], [1.0, *c["hi"]], step="post", color=colour,
                         alpha=0.12)
     ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02),
-           title=f"{endpoint.upper()} by {arm} score, log-rank p = {block['p_value']:.3g}")
+           title=f"{ENDPOINTS.get(endpoint, endpoint)}\nby {arm} score, "
+                 f"log-rank p = {block['p_value']:.3g}")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -222,13 +225,15 @@ def build_report(run_dir: Path) -> str:
     primary = metrics.get("model", {}).get("arm")
     for arm, e in ext.items():
         for endpoint, block in (e.get("survival") or {}).items():
-            surv_rows.append([html.escape(arm), endpoint.upper(), str(block.get("n_high")),
+            surv_rows.append([html.escape(arm), html.escape(ENDPOINTS.get(endpoint, endpoint)),
+                              str(block.get("n_high")),
                               str(block.get("n_low")), _f(block.get("statistic"), 2),
                               _f(block.get("p_value"), 4)])
             if arm == primary:
                 src = _km_plot(arm, endpoint, block)
                 if src:
-                    surv_plots.append(_figure(src, f"Kaplan-Meier {endpoint.upper()}, {arm}"))
+                    name = ENDPOINTS.get(endpoint, endpoint)
+                    surv_plots.append(_figure(src, f"Kaplan-Meier: {name}, {arm}"))
     if surv_rows:
         parts.append("<h2>Prognosis: survival by risk group (external site)</h2>")
         parts.append("<p>Patients are split at the training Youden threshold of each arm's "
