@@ -684,6 +684,7 @@ def tic_feature_vector(
     vmax: float = 255.0,
     lesion_erode_px: int = 2,
     dt: float = 0.05,
+    max_saturated: float = 0.05,
 ) -> dict[str, float]:
     """All TIC features of one patient.
 
@@ -717,6 +718,11 @@ def tic_feature_vector(
         Without it, liver signal at the lesion edge inflates the fitted I0 and biases sigma.
     dt : float
         Feature grid step of :func:`tic_features`.
+    max_saturated : float
+        A frame in which more than this fraction of an ROI's pixels shows full white is left
+        out of that ROI's curve: a clipped pixel only says "at least this bright", so
+        its mean would flatten the bolus peak (gain-heavy sites saturate at the peak). The
+        lognormal fit then rests on the unclipped rise and wash-out.
 
     Returns
     -------
@@ -728,6 +734,11 @@ def tic_feature_vector(
     if lin.ndim != 3 or lin.shape[0] != t.size:
         raise ValueError(f"frames {lin.shape} and times ({t.size},) do not match")
     curves = roi_curves(lin, lesion_mask, liver_mask, lesion_erode_px=lesion_erode_px)
+    raw = np.asarray(frames, dtype=np.float64)
+    clipped = (raw >= vmax - 0.5).astype(np.float64)
+    frac = roi_curves(clipped, lesion_mask, liver_mask, lesion_erode_px=lesion_erode_px)
+    for roi in ("lesion", "liver"):
+        curves[roi] = np.where(frac[roi] > max_saturated, np.nan, curves[roi])
     out: dict[str, Any] = {}
     fits: dict[str, BolusFit] = {}
     for roi in ("lesion", "liver"):

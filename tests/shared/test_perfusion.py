@@ -288,6 +288,31 @@ def test_roi_curves_average_inside_masks() -> None:
     assert np.all(np.isnan(P.roi_curves(frames, lesion, np.zeros_like(lesion))["liver"]))
 
 
+def test_saturated_peak_frames_are_left_out_of_the_fit() -> None:
+    """A gain-heavy display clips the bolus peak at full white: averaging the clipped pixels
+    flattens the curve (lower peak, longer transit); leaving those frames out lets the fit
+    recover the bolus from its rise and wash-out."""
+    t = np.arange(0.0, 120.0, 1.0)
+    p = (0.5, 2000.0, 10.0, math.log(12.0), 0.55)
+    power = P.lognormal_curve(t, *p)
+    lesion = np.zeros((24, 24), bool)
+    lesion[6:18, 6:18] = True
+    liver = np.zeros((24, 24), bool)
+    liver[:3] = True
+    site = default_sites()[1].imaging  # site_B, +3 dB gain
+    grey = np.stack([log_compress(np.full((24, 24), x, np.float32), site) for x in power])
+    clipped = (grey >= 255).mean(axis=(1, 2)) > 0
+    assert 3 <= clipped.sum() <= 40  # the display really clips the peak
+    truth = P.tic_features(_truth_fit(p))
+    fixed = P.tic_feature_vector(grey, t, lesion, liver, site.dr_db, site.gain_db,
+                                 lesion_erode_px=0)
+    naive = P.tic_feature_vector(grey, t, lesion, liver, site.dr_db, site.gain_db,
+                                 lesion_erode_px=0, max_saturated=1.0)
+    for f in ("pe", "mtt", "ttp"):
+        assert _rel(fixed[f"lesion_{f}"], truth[f]) < 0.03, f
+    assert _rel(naive["lesion_pe"], truth["pe"]) > 0.15  # what the clipped mean gives
+
+
 def test_feature_vector_of_a_blank_cine_is_nan_with_stable_names() -> None:
     frames = np.full((61, 32, 32), 40.0)
     lesion = np.zeros((32, 32), bool)
