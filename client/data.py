@@ -33,6 +33,7 @@ class SiteData:
     label: torch.Tensor
     manifest_sha256: str
     survival: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    masks: torch.Tensor | None = None  # aclf_us: liver masks (N, 2, H, W) at T0 and T1
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -40,11 +41,13 @@ class SiteData:
     @staticmethod
     def concat(parts: list[SiteData]) -> SiteData:
         """Pool several sites (used only by the centralized baseline)."""
+        masks = [p.masks for p in parts if p.masks is not None]
         return SiteData(
             torch.cat([p.video for p in parts]),
             torch.cat([p.clinical for p in parts]),
             torch.cat([p.label for p in parts]),
             "+".join(p.manifest_sha256[:12] for p in parts),
+            masks=torch.cat(masks) if len(masks) == len(parts) else None,
         )
 
 
@@ -142,6 +145,21 @@ def _stills(manifest: Manifest, line: int, row: dict[str, str], size: int) -> np
     return np.stack(out)
 
 
+def _mri_patch(manifest: Manifest, line: int, row: dict[str, str], size: int) -> np.ndarray:
+    """The pre/arterial/portal/delayed slice through the lesion centre, (4, size, size), scaled
+    by the pre-contrast statistics (absolute enhancement kept)."""
+    from hcc_fl.client.mri import read_manifest_row, tumour_patch
+
+    try:
+        phases, mask = read_manifest_row(manifest.root, row)
+        return tumour_patch(phases, mask, size, norm="pre")
+    except DataError as exc:
+        raise DataError([DataIssue(str(manifest.path), i.message + " (the series in this row)",
+                                   line, "mr_pre_dir") for i in exc.issues]) from exc
+    except ValueError as exc:
+        raise DataError.single(manifest.path, str(exc), line, "mr_lesion_mask") from exc
+
+
 def _build(
     manifest: Manifest,
     task: TaskSpec,
@@ -153,7 +171,9 @@ def _build(
     rows = [(i + 2, r) for i, r in enumerate(manifest.rows) if r["split"] in splits]
     videos, clin, labels = [], [], []
     for line, row in rows:
-        if frames == 0:  # still images (er_ceus): one channel per image
+        if task.name == "phcc_mri":  # 4-phase DCE-MRI patch through the lesion centre
+            videos.append(_mri_patch(manifest, line, row, size))
+        elif frames == 0:  # still images (er_ceus): one channel per image
             videos.append(_stills(manifest, line, row, size))
         else:
             videos.append(_clip(manifest, line, row, frames, size))

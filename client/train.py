@@ -32,6 +32,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     augment: bool = True
+    objective: str = "bce"  # bce | barlow (self-supervised, two views) | siamese (seg + BCE)
+    freeze_encoder: bool = False  # linear probe: only parameters outside ``model.encoder`` train
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,14 @@ def train_one_round(
 ) -> TrainOutcome:
     """Train ``model`` in place for ``cfg.epochs`` epochs on ``data``.
 
-    BCE-with-logits with ``pos_weight = n_neg / n_pos`` (this site's own counts). With
-    ``cfg.proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` is added, where
-    ``w_start`` are the weights the call started from (the global model).
+    ``cfg.objective``: ``bce`` - BCE-with-logits with ``pos_weight = n_neg / n_pos`` (this
+    site's own counts); ``barlow`` - the Barlow Twins loss of two augmented views of each
+    sample (labels unused; ``model`` is a :class:`~hcc_fl.shared.models.phcc.BarlowTwinsModel`);
+    ``siamese`` - segmentation loss at both time points plus the weighted BCE of the outcome
+    (``data.masks`` needed). With ``cfg.proximal_mu > 0`` the FedProx term
+    ``mu/2 * ||w - w_start||^2`` is added, where ``w_start`` are the weights the call started
+    from (the global model). ``cfg.freeze_encoder`` trains only the parameters outside
+    ``model.encoder`` (linear probe).
     """
     device = resolve_device(cfg.device)
     model.to(device).train()
@@ -78,10 +85,13 @@ def train_one_round(
     n_pos = float(data.label.sum())
     pos_weight = torch.tensor([(n - n_pos) / max(n_pos, 1.0)], device=device)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = (
-        [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else []
-    )
+    encoder = getattr(model, "encoder", None) if cfg.freeze_encoder else None
+    if cfg.freeze_encoder and encoder is None:
+        raise ValueError("freeze_encoder needs a model with an 'encoder' part")
+    frozen = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
     total, count, steps = 0.0, 0, 0
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen)
@@ -89,14 +99,10 @@ def train_one_round(
             idx = perm[i : i + cfg.batch_size]
             if len(idx) < 2 and n >= 2:
                 continue  # a batch of one gives noisy GroupNorm statistics; skip the remainder
-            video = data.video[idx]
-            if cfg.augment:
-                video = _augment(video, gen)
-            logits = model(video.to(device), data.clinical[idx].to(device)).squeeze(1)
-            loss = loss_fn(logits, data.label[idx].to(device))
+            loss = _batch_loss(model, data, idx, cfg, gen, device, loss_fn)
             if start:
                 prox = sum(
-                    ((p - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True)
+                    ((p - s) ** 2).sum() for p, s in zip(params, start, strict=True)
                 )
                 loss = loss + 0.5 * cfg.proximal_mu * prox
             opt.zero_grad(set_to_none=True)
@@ -108,6 +114,32 @@ def train_one_round(
             if on_step:
                 on_step(float(loss.detach()))
     return TrainOutcome(total / max(count, 1), n, steps)
+
+
+def _batch_loss(model: nn.Module, data: SiteData, idx: torch.Tensor, cfg: TrainConfig,
+                gen: torch.Generator, device: str, loss_fn: nn.Module) -> torch.Tensor:
+    """The training loss of one batch under ``cfg.objective``."""
+    video = data.video[idx]
+    if cfg.objective == "barlow":
+        from hcc_fl.shared.ssl_augment import two_views
+
+        v1, v2 = two_views(video, gen)
+        return model(v1.to(device), v2.to(device))  # type: ignore[no-any-return]
+    if cfg.objective == "siamese":
+        from hcc_fl.shared.models.siamese import siamese_loss
+
+        if data.masks is None:
+            raise ValueError("the siamese objective needs segmentation masks")
+        seg, logit = model.segment_and_score(video.to(device))  # type: ignore[operator]
+        return siamese_loss(seg, data.masks[idx].to(device), logit,  # type: ignore[no-any-return]
+                            data.label[idx].to(device),
+                            pos_weight=getattr(loss_fn, "pos_weight", None))
+    if cfg.objective != "bce":
+        raise ValueError(f"unknown training objective '{cfg.objective}'")
+    if cfg.augment:
+        video = _augment(video, gen)
+    logits = model(video.to(device), data.clinical[idx].to(device)).squeeze(1)
+    return loss_fn(logits, data.label[idx].to(device))  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
