@@ -99,7 +99,7 @@ def run_baselines(
                 epochs=1, batch_size=int(cfg["model"]["batch_size"]), lr=float(cfg["model"]["lr"]),
                 weight_decay=float(cfg["model"]["weight_decay"]),
                 seed=int(cfg["seed"]) * 100003 + epoch * 101 + zlib.crc32(name.encode()),
-                device=device,
+                device=device, objective=str(cfg["task"].get("objective", "bce")),
             ))
             history.append({"arm": name, "round": epoch, "site": "+".join(members),
                             "phase": "train", "train_loss": out.loss, "n": out.n_examples})

@@ -14,11 +14,13 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from torch import nn
 
-from hcc_fl.client.data import load_site
+from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.features import feature_block
 from hcc_fl.client.statistics import (
+    NB_THRESHOLDS,
     external_comparisons,
     external_report_prob,
 )
@@ -86,12 +88,41 @@ class SiteScorer:
                         self.device)
         else:
             state = self.bundle[name if "@" in name else key(name)]
-            if state.model is None or state.standardiser is None:
-                raise ValueError(f"component {name} has no fitted model yet")
-            X = self._features(state, splits)
-            p = predict_proba(state.model, state.standardiser.transform(X))
+            if state.spec.block == "cox":
+                p = 1.0 - np.exp(-float(state.cox["h0"]) * np.exp(self.cox_lp(state, splits)))
+            else:
+                if state.model is None or state.standardiser is None:
+                    raise ValueError(f"component {name} has no fitted model yet")
+                X = self._features(state, splits)
+                p = predict_proba(state.model, state.standardiser.transform(X))
         self._memo[k] = p
         return p
+
+    def cox_matrix(self, inputs: tuple[str, ...], splits: tuple[str, ...]) -> F64:
+        """Cox covariates: the logit of a component's probability, or a clinical column."""
+        data = load_site(self.manifest, self.task, self.profile, splits)
+        clinical = CLINICAL_COLUMNS.get(self.task, ())
+        cols = []
+        for name in inputs:
+            if name in clinical:
+                cols.append(data.clinical[:, clinical.index(name)].numpy().astype(np.float64))
+            else:
+                p = np.clip(self.probs(name, splits), 1e-6, 1 - 1e-6)
+                cols.append(np.log(p) - np.log1p(-p))
+        return np.column_stack(cols)
+
+    def cox_lp(self, state: TabularState, splits: tuple[str, ...]) -> F64:
+        """The Cox linear predictor ``(x - center).coef`` (higher = higher hazard)."""
+        X = self.cox_matrix(state.spec.inputs, splits)
+        return np.asarray((X - np.asarray(state.cox["center"])) @ np.asarray(state.cox["coef"]),
+                          dtype=np.float64)
+
+    def survival(self, splits: tuple[str, ...]) -> tuple[F64, F64]:
+        data = load_site(self.manifest, self.task, self.profile, splits)
+        if "os" not in data.survival:
+            raise ValueError(f"task {self.task} has no overall-survival columns")
+        t, e = data.survival["os"]
+        return np.asarray(t, dtype=np.float64), np.asarray(e, dtype=np.float64)
 
     def _features(self, state: TabularState, splits: tuple[str, ...]) -> F64:
         if state.spec.block == "stack":
@@ -111,11 +142,45 @@ class SiteScorer:
         return fb.X[train], fb.y[train], fb.names
 
 
+COX_OPS = ("cox-center", "cox", "breslow")
+CLINICAL_COLUMNS = {"aclf_us": ("age", "meld")}  # SiteData.clinical columns usable by Cox
+
+
 def site_tabular(scorer: SiteScorer, op: str, options: dict[str, Any], keys: list[str]
                  ) -> dict[str, Any]:
-    """One step of the federated tabular fit at a training site, for the models ``keys`` of
-    the scorer's bundle (see :func:`tabular_step`)."""
+    """One step of the federated tabular or Cox fit at a training site, for the models
+    ``keys`` of the scorer's bundle (see :func:`tabular_step`, :func:`cox_step`)."""
+    if op in COX_OPS:
+        return cox_step(scorer, op, options, keys)
     return tabular_step({k: scorer.training_rows(k) for k in keys}, scorer.bundle, op, options)
+
+
+def cox_step(scorer: SiteScorer, op: str, options: dict[str, Any], keys: list[str]
+             ) -> dict[str, Any]:
+    """This site's part of a site-stratified Cox fit on its train+val rows: ``cox-center``
+    (column sums and count), ``cox`` (gradient, Hessian, log partial likelihood at
+    ``options["beta"]``; the site is its own stratum) or ``breslow`` (event counts and
+    risk-set sums on ``options["grid"]``)."""
+    from hcc_fl.shared.cox import baseline_hazard_sums, cox_site_sums
+
+    out: dict[str, Any] = {}
+    for k in keys:
+        state = scorer.bundle[k]
+        X = scorer.cox_matrix(state.spec.inputs, TRAIN_VAL)
+        time, event = scorer.survival(TRAIN_VAL)
+        if op == "cox-center":
+            out[k] = {"sum": X.sum(axis=0).tolist(), "n": int(X.shape[0])}
+            continue
+        Xc = X - np.asarray(state.cox["center"])
+        if op == "cox":
+            g, h, ll = cox_site_sums(np.asarray(options["beta"]), Xc, time, event)
+            out[k] = {"gradient": g.tolist(), "hessian": h.tolist(), "loglik": ll}
+        elif op == "breslow":
+            out[k] = baseline_hazard_sums(np.asarray(options["beta"]), Xc, time, event,
+                                          np.asarray(options["grid"])).to_dict()
+        else:
+            raise ValueError(f"unknown Cox operation '{op}'")
+    return out
 
 
 def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
@@ -178,8 +243,101 @@ def external_components(scorer: SiteScorer, thresholds: dict[str, float],
         p = scorer.probs(k, test)
         auc = auc_ci(y, p).auc if 0 < y.sum() < len(y) else math.nan
         resplit.setdefault(name, []).append(auc if math.isfinite(auc) else None)
-    return {"components": reports, "comparisons": external_comparisons(probs, y),
-            "resplit_auc": resplit}
+    out = {"components": reports, "comparisons": external_comparisons(probs, y),
+           "resplit_auc": resplit}
+    data = load_site(scorer.manifest, scorer.task, scorer.profile, test)
+    if data.masks is not None and scorer.deep is not None:
+        out["segmentation"] = segmentation_report(scorer.deep, data, scorer.device)
+    if scorer.components.cox:
+        out["survival_models"] = survival_models(scorer, list(thresholds))
+    return out
+
+
+@torch.no_grad()
+def segmentation_report(model: nn.Module, data: SiteData, device: str = "cpu",
+                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Dice of the predicted liver masks (probability >= 0.5) per time point: mean, SD, median
+    and a percentile-bootstrap 95 % CI of the mean over patients (empty vs empty counts 1)."""
+    from hcc_fl.client.train import resolve_device
+    from hcc_fl.shared.metrics.segmentation import dice_per_case
+
+    assert data.masks is not None
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    preds = []
+    for i in range(0, len(data), 16):
+        seg, _ = model.segment_and_score(data.video[i:i + 16].to(dev))  # type: ignore[operator]
+        preds.append((torch.sigmoid(seg) >= 0.5).cpu().numpy())
+    d = np.asarray(dice_per_case(np.concatenate(preds), data.masks.numpy() > 0.5),
+                   dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"n": int(d.shape[0])}
+    for j, name in enumerate(("t0", "t1")):
+        col = d[:, j]
+        boots = [float(col[rng.integers(0, len(col), len(col))].mean()) for _ in range(n_boot)]
+        out[name] = {"mean": float(col.mean()), "sd": float(col.std(ddof=1)),
+                     "median": float(np.median(col)),
+                     "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+    return out
+
+
+def survival_models(scorer: SiteScorer, names: list[str], n_boot: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Harrell's C of every component's risk score on the external site's overall survival,
+    with a percentile-bootstrap 95 % CI, the paired bootstrap difference of each Cox model
+    against the others, and the Cox models' predicted-vs-observed risk by the horizon."""
+    from hcc_fl.shared.cox import concordance
+    from hcc_fl.shared.metrics import kaplan_meier, net_benefit_survival
+
+    test = ("test",)
+    time, event = scorer.survival(test)
+    risks = {}
+    for name in names:
+        state = scorer.bundle.get(key(name))
+        if state is not None and state.spec.block == "cox":
+            risks[name] = scorer.cox_lp(state, test)
+        else:
+            risks[name] = scorer.probs(name, test)
+    rng = np.random.default_rng(seed)
+    n = len(time)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if event[idx].sum() == 0:
+            continue
+        boots.append({m: concordance(time[idx], event[idx], r[idx]) for m, r in risks.items()})
+    out: dict[str, Any] = {"n": n, "events": int(event.sum()), "c_index": {}, "differences": [],
+                           "horizon": scorer.components.horizon}
+    for m, r in risks.items():
+        vals = np.array([b[m] for b in boots])
+        out["c_index"][m] = {"c": concordance(time, event, r),
+                             "ci": [float(np.percentile(vals, 2.5)),
+                                    float(np.percentile(vals, 97.5))]}
+    cox_names = [c.name for c in scorer.components.cox]
+    for i, a in enumerate(cox_names):
+        for b in [*cox_names[i + 1:], scorer.components.deep]:
+            d = np.array([x[a] - x[b] for x in boots])
+            out["differences"].append({
+                "a": a, "b": b, "diff": out["c_index"][a]["c"] - out["c_index"][b]["c"],
+                "ci": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+                "p_value": float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))})
+    h = scorer.components.horizon
+    out["observed_risk_at_horizon"] = 1.0 - kaplan_meier(time, event).at(h)
+    out["calibration"] = {}
+    for name in cox_names:
+        risk = scorer.probs(name, test)
+        order = np.argsort(risk)
+        groups = np.array_split(order, 3)  # tertiles of predicted risk
+        rows = []
+        for g in groups:
+            rows.append([float(risk[g].mean()), 1.0 - kaplan_meier(time[g], event[g]).at(h),
+                         int(len(g))])
+        nb = net_benefit_survival(time, event, risk, h, NB_THRESHOLDS)
+        out["calibration"][name] = {
+            "predicted_mean": float(risk.mean()), "tertiles": rows,
+            "net_benefit": {"thresholds": list(nb.thresholds), "model": list(nb.model),
+                            "treat_all": list(nb.treat_all)}}
+    return out
 
 
 def in_process_asker(scorers: list[SiteScorer], pooled: bool) -> Any:
@@ -193,6 +351,8 @@ def in_process_asker(scorers: list[SiteScorer], pooled: bool) -> Any:
             bundle = {**fixed, **states}
             for sc in scorers:
                 sc.set_bundle(bundle)
+            if op in COX_OPS:  # site-stratified even when pooled: each site its own stratum
+                return [cox_step(sc, op, options, list(states)) for sc in scorers]
             per_site = [{k: sc.training_rows(k) for k in states} for sc in scorers]
             if pooled:
                 rows = {k: (np.vstack([r[k][0] for r in per_site]),

@@ -160,6 +160,16 @@ def _mri_patch(manifest: Manifest, line: int, row: dict[str, str], size: int) ->
         raise DataError.single(manifest.path, str(exc), line, "mr_lesion_mask") from exc
 
 
+def _pairs(manifest: Manifest, splits: tuple[str, ...], size: int) -> SiteData:
+    """The T0/T1 ultrasound pairs with their liver masks (aclf_us); ``clinical`` holds the raw
+    age and MELD for the Cox models, ``survival["os"]`` the survival time (days) and event."""
+    from hcc_fl.client.longitudinal import load_pairs
+
+    pairs = load_pairs(manifest.path, splits, size)
+    return SiteData(pairs.images, pairs.clinical, pairs.label, pairs.manifest_sha256,
+                    {"os": (pairs.os_time, pairs.os_event)}, masks=pairs.masks)
+
+
 def _build(
     manifest: Manifest,
     task: TaskSpec,
@@ -168,6 +178,8 @@ def _build(
     progress: Callable[[int], None] | None,
 ) -> SiteData:
     frames, size = input_shape(task.name, profile)
+    if task.name == "aclf_us":
+        return _pairs(manifest, splits, size)
     rows = [(i + 2, r) for i, r in enumerate(manifest.rows) if r["split"] in splits]
     videos, clin, labels = [], [], []
     for line, row in rows:

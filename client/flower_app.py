@@ -288,6 +288,7 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
         seed=int(_num(rc, "seed")) * 100003 + server_round * 101
         + zlib.crc32(site.name.encode()),
         device=str(rc.get("device", "cpu")),
+        objective=str(cfg.get("objective", "bce")),
     )
     values: Metrics
     if str(rc.get("privacy-mode", "none")) == "dp":

@@ -89,11 +89,15 @@ def check_config(cfg: dict[str, Any]) -> None:
     if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
         raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
                           "(the coordinator must see each update to clip it); use privacy=dp")
-    if comps.tabular and privacy.mode != "none":
-        raise ConfigError(f"privacy={privacy.mode}: task {task} also fits tabular models "
+    if str(cfg["task"].get("objective", "bce")) != "bce" and privacy.mode == "dp":
+        raise ConfigError(f"privacy=dp: task {task} trains with the "
+                          f"'{cfg['task']['objective']}' objective, which the DP-SGD path does "
+                          "not implement in this release (it trains BCE models only)")
+    if (comps.tabular or comps.cox) and privacy.mode != "none":
+        raise ConfigError(f"privacy={privacy.mode}: task {task} also fits tabular or Cox models "
                           f"({', '.join(comps.names[1:])}), which DP does not cover in this "
                           "release; use privacy=none or a task with the deep model only")
-    if comps.tabular and (cfg.get("secure_aggregation") or {}).get("enabled"):
+    if (comps.tabular or comps.cox) and (cfg.get("secure_aggregation") or {}).get("enabled"):
         raise ConfigError(f"secure_aggregation.enabled: task {task}'s tabular models are "
                           "aggregated in the clear in this release; disable it for this task")
     if cfg["model"]["profile"] not in ("tiny", "full"):

@@ -90,14 +90,18 @@ def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
     return replies
 
 
-def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0
-                   ) -> dict[int, dict[str, Any]]:
-    """Ask nodes who they are: node id -> {"site", "role", "code-version", counts...}."""
+def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0,
+                   refused: set[int] | None = None) -> dict[int, dict[str, Any]]:
+    """Ask nodes who they are: node id -> {"site", "role", "code-version", counts...}.
+    Nodes that answered with an error are added to ``refused`` (silent ones are not: a busy
+    site that is still reading its data is asked again)."""
     known: dict[int, dict[str, Any]] = {}
     for reply in _query(grid_, node_ids, R.ACTION_SITE_INFO, RecordDict(), timeout=timeout):
         if reply.has_error():
             log.warning("node %d could not describe itself: %s",
                         reply.metadata.src_node_id, reply.error.reason)
+            if refused is not None:
+                refused.add(reply.metadata.src_node_id)
             continue
         info = dict(reply.content[R.INFO])
         info.update({k: int(cast(Any, v)) for k, v in reply.content[R.METRICS].items()})
@@ -120,14 +124,13 @@ def discover_sites(
     """
     expected = set(training) | ({external} if external else set())
     known: dict[int, dict[str, Any]] = {}
-    failed: set[int] = set()  # nodes that refused or failed to answer: not asked again
+    failed: set[int] = set()  # nodes that answered with an error: not asked again
     deadline = time.monotonic() + timeout_s
     while True:
         new = [n for n in grid.get_node_ids() if n not in known and n not in failed]
         if new:
-            answers = describe_nodes(grid, new)
-            known.update(answers)
-            failed.update(set(new) - set(answers))
+            wait = max(5.0, min(60.0, deadline - time.monotonic()))
+            known.update(describe_nodes(grid, new, timeout=wait, refused=failed))
         found = {v["site"] for v in known.values()}
         if expected <= found:
             return known
@@ -346,6 +349,7 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "batch-size": int(cfg["model"]["batch_size"]),
         "lr": float(cfg["model"]["lr"]),
         "weight-decay": float(cfg["model"]["weight_decay"]),
+        "objective": str(cfg["task"].get("objective", "bce")),
     })
     ckpt_path = arm_dir / "checkpoint.pt"
     config_sha = _sha256(config_path)

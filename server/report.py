@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,7 @@ def build_report(run_dir: Path) -> str:
     parts.append('<div class="grid">' + "".join(
         _figure(p, c) for p, c in zip(plots, captions, strict=False)) + "</div>")
     parts.extend(_components_section(metrics))
+    parts.extend(_segmentation_and_cox_section(metrics))
 
     comps = metrics.get("comparisons") or []
     if comps:
@@ -360,6 +362,63 @@ def _components_section(metrics: dict[str, Any]) -> list[str]:
                          shown + more])
         parts.append(_table(["model", "penalty", "alpha", "selected", "largest coefficients "
                              "(standardised)"], rows))
+    return parts
+
+
+def _segmentation_and_cox_section(metrics: dict[str, Any]) -> list[str]:
+    """Liver segmentation (Dice per time point) and the Cox models (C-index, hazard ratios,
+    risk by the horizon) on the external site, when the task has them."""
+    ext = {a: e for a, e in metrics.get("external", {}).items() if "/" not in a}
+    parts: list[str] = []
+    seg = [(a, e["segmentation"]) for a, e in ext.items() if e.get("segmentation")]
+    if seg:
+        parts.append("<h2>Liver segmentation (external site)</h2>")
+        parts.append("<p>Dice of the predicted liver mask (probability &ge; 0.5) per patient; "
+                     "mean with percentile-bootstrap 95 % CI over patients.</p>")
+        parts.append(_table(
+            ["arm", "n", "Dice T0 (95% CI)", "SD T0", "Dice T1 (95% CI)", "SD T1"],
+            [[html.escape(a), str(b["n"]), _ci(b["t0"]["mean"], b["t0"]["ci"]),
+              _f(b["t0"]["sd"]), _ci(b["t1"]["mean"], b["t1"]["ci"]), _f(b["t1"]["sd"])]
+             for a, b in seg]))
+    surv = [(a, e["survival_models"]) for a, e in ext.items() if e.get("survival_models")]
+    if surv:
+        first = surv[0][1]
+        parts.append("<h2>Survival models (external site)</h2>")
+        parts.append(f"<p>Overall survival of {first['n']} external patients "
+                     f"({first['events']} deaths). Harrell's C with percentile-bootstrap "
+                     "95 % CI; the Cox models are fitted federated (site-stratified partial "
+                     "likelihood, Newton steps on summed site gradients and Hessians) and "
+                     f"predict the risk of death by day {_f(first['horizon'], 0)}.</p>")
+        rows = []
+        for a, b in surv:
+            for m, c in b["c_index"].items():
+                cal = b.get("calibration", {}).get(m)
+                rows.append([html.escape(a), html.escape(m), _ci(c["c"], c["ci"]),
+                             _f(cal["predicted_mean"]) if cal else "",
+                             _f(b.get("observed_risk_at_horizon")) if cal else ""])
+        parts.append(_table(["arm", "model", "C-index (95% CI)", "mean predicted risk",
+                             "observed risk (KM)"], rows))
+        diffs = [[html.escape(a), html.escape(d["a"]), html.escape(d["b"]),
+                  _ci(d["diff"], d["ci"]), _f(d["p_value"], 4)]
+                 for a, b in surv for d in b.get("differences", [])]
+        if diffs:
+            parts.append(_table(["arm", "model A", "model B", "C difference (95% CI)",
+                                 "p (bootstrap)"], diffs))
+        tab = (metrics.get("components") or {}).get("tabular", {})
+        hr_rows = []
+        for arm, models in tab.items():
+            for k, t in models.items():
+                cox = t.get("cox")
+                if not cox or not cox.get("coef"):
+                    continue
+                for f, c, se in zip(cox["features"], cox["coef"], cox["se"], strict=True):
+                    hr_rows.append([html.escape(arm), html.escape(k.split("@")[0]),
+                                    html.escape(f), _f(c), _f(se), _f(math.exp(c)),
+                                    _f(cox["h0"], 4)])
+        if hr_rows:
+            parts.append("<h3>Federated Cox coefficients</h3>")
+            parts.append(_table(["arm", "model", "covariate", "coef", "SE", "hazard ratio",
+                                 "baseline H0(horizon)"], hr_rows))
     return parts
 
 

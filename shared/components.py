@@ -89,29 +89,42 @@ class TaskComponents:
     rounds: int = 30
     local_epochs: int = 5
     resplits: int = 0
+    cox: tuple[TabularSpec, ...] = ()
+    horizon: float = 30.0
 
     @property
     def names(self) -> list[str]:
         """Every component, deep first."""
         out = [self.deep, *(t.name for t in self.tabular)]
-        return [*out, self.stack.name] if self.stack else out
+        out = [*out, self.stack.name] if self.stack else out
+        return [*out, *(c.name for c in self.cox)]
 
     @classmethod
     def from_task_config(cls, task: Mapping[str, Any]) -> TaskComponents:
         """Parse ``cfg["task"]``; a task without ``tabular`` has the deep model only."""
         stack = task.get("stack")
         tab = tuple(TabularSpec.from_dict(t) for t in task.get("tabular") or ())
+        cox = tuple(TabularSpec.from_dict({"name": c["name"], "block": "cox", "penalty": "l2",
+                                           "alpha": float(c.get("l2", 0.0)),
+                                           "inputs": c["features"]})
+                    for c in task.get("cox") or ())
         out = cls(str(task.get("deep") or task["name"]), tab,
                   TabularSpec.from_dict({**stack, "block": "stack"}) if stack else None,
                   int(task.get("tabular_rounds", 30)), int(task.get("tabular_local_epochs", 5)),
-                  int(task.get("resplits", 0)))
+                  int(task.get("resplits", 0)), cox, float(task.get("cox_horizon", 30.0)))
         names = out.names
         if len(set(names)) != len(names):
             raise ValueError(f"task components must have distinct names, got {names}")
         if out.stack is not None:
-            unknown = set(out.stack.inputs) - set(names[:-1])
+            bases = [out.deep, *(t.name for t in out.tabular)]
+            unknown = set(out.stack.inputs) - set(bases)
             if len(out.stack.inputs) < 2 or unknown:
-                raise ValueError(f"stack.inputs must name at least two of {names[:-1]}")
+                raise ValueError(f"stack.inputs must name at least two of {bases}")
+        for c in out.cox:
+            if not c.inputs or len(set(c.inputs)) != len(c.inputs):
+                raise ValueError(f"cox model {c.name}: give distinct features")
+            if not out.horizon > 0:
+                raise ValueError("cox_horizon must be > 0")
         return out
 
 
@@ -168,19 +181,21 @@ class TabularState:
     model: LogisticModel | None = None
     lr: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
+    cox: dict[str, Any] = field(default_factory=dict)  # Cox models: coef, center, h0, horizon
 
     def to_bundle(self) -> dict[str, Any]:
         """What the sites need to score or train it (coefficients and standardisation)."""
         return {"spec": self.spec.to_dict(),
                 "standardiser": self.standardiser.to_dict() if self.standardiser else None,
-                "model": self.model.to_dict() if self.model else None, "lr": self.lr}
+                "model": self.model.to_dict() if self.model else None, "lr": self.lr,
+                "cox": self.cox}
 
     @classmethod
     def from_bundle(cls, d: Mapping[str, Any]) -> TabularState:
         return cls(TabularSpec.from_dict(d["spec"]),
                    Standardiser.from_dict(d["standardiser"]) if d.get("standardiser") else None,
                    LogisticModel.from_dict(d["model"]) if d.get("model") else None,
-                   float(d.get("lr", 1.0)))
+                   float(d.get("lr", 1.0)), cox=dict(d.get("cox") or {}))
 
 
 def server_step(state: TabularState, replies: Sequence[tuple[F64, int, float, float]],
@@ -269,7 +284,53 @@ def fit_components(
         stack = {key(comps.stack.name): TabularState(comps.stack)}
         fit_tabular(stack, ask_for(base, True), comps.rounds, comps.local_epochs, proximal_mu)
         states.update(stack)
+    if comps.cox:
+        cox = {key(c.name): TabularState(c) for c in comps.cox}
+        fit_cox(cox, ask_for(main_models(states), True), comps.horizon)
+        states.update(cox)
     return states
+
+
+def fit_cox(states: dict[str, TabularState], ask: Ask, horizon: float,
+            grid_step: float = 0.1) -> None:
+    """Fit site-stratified Cox models by Newton-Raphson on the sites' summed gradients and
+    Hessians (``shared.cox``), then the pooled Breslow baseline at ``horizon``.
+
+    Site steps: ``cox-center`` (feature sums and counts: the pooled mean centres the
+    covariates), ``cox`` (gradient, Hessian and log partial likelihood at ``beta``; one round
+    per Newton step) and ``breslow`` (event counts and risk-set sums on a grid of
+    ``grid_step`` up to ``horizon``). The model's ``cox`` entry then holds ``coef``, ``se``,
+    ``center``, ``h0`` (cumulative baseline hazard at the horizon) and the fit's diagnostics;
+    a site scores ``1 - exp(-h0 exp((x - center).coef))``, the risk by the horizon.
+    """
+    from hcc_fl.shared.cox import BreslowSums, cox_newton
+
+    for k, st in states.items():
+        one = {k: st}
+        parts = ask("cox-center", {}, one)
+        total = np.sum([np.asarray(r[k]["sum"], dtype=np.float64) for r in parts], axis=0)
+        n = sum(int(r[k]["n"]) for r in parts)
+        center = total / max(n, 1)
+        st.cox = {"center": center.tolist()}
+
+        def summed(beta: F64, k: str = k, one: dict[str, TabularState] = one
+                   ) -> tuple[F64, F64, float]:
+            replies = ask("cox", {"beta": beta.tolist()}, one)
+            g = np.sum([np.asarray(r[k]["gradient"], dtype=np.float64) for r in replies], axis=0)
+            h = np.sum([np.asarray(r[k]["hessian"], dtype=np.float64) for r in replies], axis=0)
+            return g, h, float(sum(float(r[k]["loglik"]) for r in replies))
+
+        fit = cox_newton(summed, len(st.spec.inputs), l2=st.spec.alpha, names=st.spec.inputs)
+        grid = np.round(np.arange(1, int(round(horizon / grid_step)) + 1) * grid_step, 10)
+        replies = ask("breslow", {"beta": fit.coef.tolist(), "grid": grid.tolist()}, one)
+        sums = [BreslowSums.from_dict(r[k]) for r in replies]
+        pooled = sums[0]
+        for extra in sums[1:]:
+            pooled = pooled + extra
+        st.cox.update(coef=fit.coef.tolist(), se=fit.se.tolist(), h0=pooled.at(float(grid[-1])),
+                      horizon=float(grid[-1]), loglik=fit.loglik, converged=fit.converged,
+                      iterations=fit.iterations, features=list(st.spec.inputs), n=n,
+                      events=float(np.sum(pooled.events)))
 
 
 def main_models(states: Mapping[str, TabularState]) -> dict[str, TabularState]:
@@ -278,7 +339,13 @@ def main_models(states: Mapping[str, TabularState]) -> dict[str, TabularState]:
 
 
 def selection_summary(st: TabularState) -> dict[str, Any]:
-    """The selected features (non-zero coefficients, largest first) and the fit's history."""
+    """The selected features (non-zero coefficients, largest first) and the fit's history;
+    for a Cox model its coefficients, standard errors and baseline."""
+    if st.spec.block == "cox":
+        return {"spec": st.spec.to_dict(), "cox": st.cox,
+                "hazard_ratios": {f: math.exp(c) for f, c in
+                                  zip(st.cox.get("features", []), st.cox.get("coef", []),
+                                      strict=True)}}
     assert st.model is not None and st.standardiser is not None
     from hcc_fl.shared.tabular import selected_features
 

@@ -191,6 +191,7 @@ TASKS: dict[str, TaskSpec] = {
             Column("os_time", "float", lo=0, hi=10000),
             Column("os_event", "binary"),
         ),
+        trainable=True,
     ),
 }
 

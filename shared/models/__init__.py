@@ -8,10 +8,12 @@ from torch import nn
 
 from hcc_fl.shared.models.cecmm import CECMM, PROFILES, CecmmConfig
 from hcc_fl.shared.models.er import ER_PROFILES, ErConfig, SharedResNet2D
+from hcc_fl.shared.models.siamese import SIAMESE_PROFILES, SiameseUNet
 
-__all__ = ["CECMM", "CecmmConfig", "ErConfig", "SharedResNet2D", "build_model", "input_shape"]
+__all__ = ["CECMM", "CecmmConfig", "ErConfig", "SharedResNet2D", "SiameseUNet", "build_model",
+           "input_shape"]
 
-_TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus")
+_TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus", "aclf_us")
 
 
 def _check_profile(profile: str) -> None:
@@ -23,7 +25,8 @@ def build_model(task: str, profile: str) -> nn.Module:
     """Build the deep model of ``task`` at ``profile`` (``tiny`` or ``full``).
 
     ``ki67_ceus``: CECMM (video + 7 clinical variables); ``tace_ceus``: R-DLCEUS, the same video
-    encoder without the clinical branch; ``er_ceus``: the shared 2-D ResNet over three images.
+    encoder without the clinical branch; ``er_ceus``: the shared 2-D ResNet over three images;
+    ``aclf_us``: the Siamese U-Net over the T0/T1 ultrasound pair.
 
     Raises
     ------
@@ -37,6 +40,8 @@ def build_model(task: str, profile: str) -> nn.Module:
         return CECMM(replace(PROFILES[profile], n_clinical=0))
     if task == "er_ceus":
         return SharedResNet2D(ER_PROFILES[profile])
+    if task == "aclf_us":
+        return SiameseUNet(SIAMESE_PROFILES[profile])
     raise KeyError(f"task '{task}' has no model in this release; trainable: "
                    f"{', '.join(_TRAINABLE)}")
 
@@ -49,4 +54,6 @@ def input_shape(task: str, profile: str) -> tuple[int, int]:
         return cfg.frames, cfg.size
     if task == "er_ceus":
         return 0, ER_PROFILES[profile].size
+    if task == "aclf_us":
+        return 0, SIAMESE_PROFILES[profile].size
     raise KeyError(f"task '{task}' has no model in this release")

@@ -31,7 +31,7 @@ def test_unknown_names() -> None:
     with pytest.raises(KeyError, match="profile"):
         build_model("ki67_ceus", "huge")
     with pytest.raises(KeyError, match="trainable"):
-        build_model("aclf_us", "tiny")
+        build_model("nosuch", "tiny")
 
 
 def test_tace_and_er_models() -> None:
