@@ -42,7 +42,7 @@ def test_bad_config_is_named(override: str, message: str) -> None:
         (["task=er_ceus", "secure_aggregation.enabled=true"], "aggregated in the clear"),
         (["task=tace_ceus", "task.tabular_rounds=0"], "tabular_rounds"),
         (["task=er_ceus", "task.stack.inputs=[deep]"], "stack.inputs"),
-        (["task.name=phcc_mri"], "trainable: er_ceus, ki67_ceus, tace_ceus"),
+        (["task.name=phcc_mri"], "trainable: aclf_us, er_ceus, ki67_ceus, tace_ceus"),
     ],
 )
 def test_task_component_configs_are_checked(overrides: list[str], message: str) -> None:
@@ -57,3 +57,14 @@ def test_tasks_compose_with_their_models() -> None:
              for t in ("ki67_ceus", "tace_ceus", "er_ceus")}
     assert names == {"ki67_ceus": ["cecmm"], "tace_ceus": ["r_dlceus", "r_tic", "r_bmode"],
                      "er_ceus": ["deep", "radiomics", "combined"]}
+
+
+def test_aclf_components_and_dp_refusal() -> None:
+    from hcc_fl.shared.components import TaskComponents
+
+    cfg = compose_config(["task=aclf_us"])
+    comps = TaskComponents.from_task_config(cfg["task"])
+    assert comps.names == ["siamese_unet", "combined_cox", "clinical_cox"]
+    assert [c.inputs for c in comps.cox] == [("siamese_unet", "meld", "age"), ("meld", "age")]
+    with pytest.raises(ConfigError, match="siamese"):
+        compose_config(["task=aclf_us", "privacy=dp"])
