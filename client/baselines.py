@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hcc_fl.client.components import SiteScorer, external_components, in_process_asker
+from hcc_fl.client.components import (
+    SiteScorer,
+    deep_model_extras,
+    external_components,
+    in_process_asker,
+)
 from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.evaluate import validation_metrics
 from hcc_fl.client.statistics import (
@@ -94,12 +99,20 @@ def run_baselines(
         data = SiteData.concat([train[s] for s in members])
         history: list[dict[str, Any]] = []
         t0 = time.monotonic()
+        ssl = cfg["task"].get("ssl") or {}
+        freeze = False
+        if ssl.get("enabled"):
+            unlabelled = SiteData.concat([load_site(manifest(s), task, profile, ("train", "val"))
+                                          for s in members])
+            history += _pretrain(model, unlabelled, cfg, name, members)
+            freeze = cfg["task"].get("finetune", "full") == "linear"
         for epoch in range(1, epochs + 1):
             out = train_one_round(model, data, TrainConfig(
                 epochs=1, batch_size=int(cfg["model"]["batch_size"]), lr=float(cfg["model"]["lr"]),
                 weight_decay=float(cfg["model"]["weight_decay"]),
                 seed=int(cfg["seed"]) * 100003 + epoch * 101 + zlib.crc32(name.encode()),
                 device=device, objective=str(cfg["task"].get("objective", "bce")),
+                freeze_encoder=freeze,
             ))
             history.append({"arm": name, "round": epoch, "site": "+".join(members),
                             "phase": "train", "train_loss": out.loss, "n": out.n_examples})
@@ -121,6 +134,7 @@ def run_baselines(
             both = {s: load_site(manifest(s), task, profile, ("train", "val")) for s in members}
             threshold, validation = pooled_validation(model, both, grid, device)
         stats = external_report(model, ext, threshold, ext.survival, device)
+        stats.update(deep_model_extras(model, ext, device))
         result = BaselineResult(
             name, stats, threshold, validation, history,
             {k: v.detach().cpu() for k, v in model.state_dict().items()}, seconds,
@@ -129,6 +143,29 @@ def run_baselines(
             _components(result, model, comps, members, manifest, cfg, ext)
         results.append(result)
     return results
+
+
+def _pretrain(model: torch.nn.Module, data: SiteData, cfg: dict[str, Any], name: str,
+              members: list[str]) -> list[dict[str, Any]]:
+    """The baseline's self-supervised stage: Barlow Twins on its unlabelled patches for
+    ``ssl.rounds x ssl.local_epochs`` epochs (the federated arms' budget), then the pretrained
+    encoder goes into ``model``."""
+    from hcc_fl.shared.models import build_ssl_model
+
+    ssl = cfg["task"]["ssl"]
+    torch.manual_seed(int(cfg["seed"]) + 1)
+    ssl_model = build_ssl_model(cfg["task"]["name"], cfg["model"]["profile"])
+    history = []
+    for epoch in range(1, int(ssl["rounds"]) * int(ssl["local_epochs"]) + 1):
+        out = train_one_round(ssl_model, data, TrainConfig(
+            epochs=1, batch_size=int(ssl["batch_size"]), lr=float(ssl["lr"]),
+            weight_decay=float(cfg["model"]["weight_decay"]), objective="barlow",
+            seed=int(cfg["seed"]) * 100003 + epoch * 101 + zlib.crc32(name.encode()) + 7,
+            device=cfg["device"]))
+        history.append({"arm": f"{name}:ssl", "round": epoch, "site": "+".join(members),
+                        "phase": "train", "train_loss": out.loss, "n": out.n_examples})
+    model.encoder.load_state_dict(ssl_model.encoder.state_dict())  # type: ignore[union-attr,operator]
+    return history
 
 
 def _components(result: BaselineResult, model: torch.nn.Module, comps: TaskComponents,

@@ -245,12 +245,42 @@ def external_components(scorer: SiteScorer, thresholds: dict[str, float],
         resplit.setdefault(name, []).append(auc if math.isfinite(auc) else None)
     out = {"components": reports, "comparisons": external_comparisons(probs, y),
            "resplit_auc": resplit}
-    data = load_site(scorer.manifest, scorer.task, scorer.profile, test)
-    if data.masks is not None and scorer.deep is not None:
-        out["segmentation"] = segmentation_report(scorer.deep, data, scorer.device)
     if scorer.components.cox:
         out["survival_models"] = survival_models(scorer, list(thresholds))
     return out
+
+
+def deep_model_extras(model: nn.Module, data: SiteData, device: str = "cpu") -> dict[str, Any]:
+    """What the deep model of a task reports beyond its scores, on an external cohort with
+    masks: the Dice of a segmenting model (``segmentation``), or the Grad-CAM localisation of
+    an encoder-based classifier (``cam``)."""
+    if data.masks is None:
+        return {}
+    if hasattr(model, "segment_and_score"):
+        return {"segmentation": segmentation_report(model, data, device)}
+    if hasattr(model, "encoder"):
+        return {"cam": cam_report(model, data)}
+    return {}
+
+
+def cam_report(model: nn.Module, data: SiteData, channel: int = 1) -> dict[str, Any]:
+    """Grad-CAM of the classifier on every patient's patch, summarised where the patients are:
+    the share of the top-10 % CAM mass inside the lesion mask against its chance level (a
+    one-sided paired test over patients), and the lesion-centred mean CAM, mean image of
+    ``channel`` (the arterial phase) and mean mask over all patients (no single patient's
+    pixels leave the site)."""
+    from hcc_fl.shared.cam import cam_mask_test, grad_cam
+
+    assert data.masks is not None
+    model.eval()
+    cams = grad_cam(model, data.video).detach().cpu().numpy()
+    masks = data.masks[:, 0].numpy() > 0.5
+    test = cam_mask_test(cams, masks)
+    return {"n": int(len(data)), "in_mask_fraction": float(test.mean_in_mask),
+            "chance": float(test.chance), "p_value": float(test.p_value),
+            "mean_cam": np.round(cams.mean(axis=0), 4).tolist(),
+            "mean_image": np.round(data.video[:, channel].numpy().mean(axis=0), 4).tolist(),
+            "mean_mask": np.round(masks.mean(axis=0), 4).tolist()}
 
 
 @torch.no_grad()

@@ -145,14 +145,28 @@ def _stills(manifest: Manifest, line: int, row: dict[str, str], size: int) -> np
     return np.stack(out)
 
 
-def _mri_patch(manifest: Manifest, line: int, row: dict[str, str], size: int) -> np.ndarray:
+def _mri_patch(manifest: Manifest, line: int, row: dict[str, str], size: int
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     """The pre/arterial/portal/delayed slice through the lesion centre, (4, size, size), scaled
-    by the pre-contrast statistics (absolute enhancement kept)."""
+    by the pre-contrast statistics (absolute enhancement kept), and the lesion mask cut out the
+    same way (1, size, size), or None without a mask."""
     from hcc_fl.client.mri import read_manifest_row, tumour_patch
 
     try:
         phases, mask = read_manifest_row(manifest.root, row)
-        return tumour_patch(phases, mask, size, norm="pre")
+        patch = tumour_patch(phases, mask, size, norm="pre")
+        if mask is None:
+            return patch, None
+        m = np.asarray(mask) != 0
+        ys, xs = np.nonzero(m)
+        y0 = int(np.floor(ys.mean() + 0.5)) - size // 2  # tumour_patch's centring
+        x0 = int(np.floor(xs.mean() + 0.5)) - size // 2
+        out = np.zeros((1, size, size), dtype=np.float32)
+        h, w = m.shape
+        sy0, sy1, sx0, sx1 = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+        if sy1 > sy0 and sx1 > sx0:
+            out[0, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = m[sy0:sy1, sx0:sx1]
+        return patch, out
     except DataError as exc:
         raise DataError([DataIssue(str(manifest.path), i.message + " (the series in this row)",
                                    line, "mr_pre_dir") for i in exc.issues]) from exc
@@ -182,9 +196,12 @@ def _build(
         return _pairs(manifest, splits, size)
     rows = [(i + 2, r) for i, r in enumerate(manifest.rows) if r["split"] in splits]
     videos, clin, labels = [], [], []
+    masks: list[np.ndarray | None] = []
     for line, row in rows:
         if task.name == "phcc_mri":  # 4-phase DCE-MRI patch through the lesion centre
-            videos.append(_mri_patch(manifest, line, row, size))
+            patch, mask = _mri_patch(manifest, line, row, size)
+            videos.append(patch)
+            masks.append(mask)
         elif frames == 0:  # still images (er_ceus): one channel per image
             videos.append(_stills(manifest, line, row, size))
         else:
@@ -203,10 +220,13 @@ def _build(
             survival[t_col.removesuffix("_time")] = (
                 np.array([float(t) for t, _ in values]), np.array([float(e) for _, e in values])
             )
+    have_masks = bool(masks) and all(m is not None for m in masks)
     return SiteData(
         torch.from_numpy(np.stack(videos)),
         torch.tensor(clin, dtype=torch.float32),
         torch.tensor(labels, dtype=torch.float32),
         manifest.sha256,
         survival,
+        masks=torch.from_numpy(np.stack([m for m in masks if m is not None])) if have_masks
+        else None,
     )

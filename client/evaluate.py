@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from hcc_fl.client.data import SiteData
@@ -20,3 +21,18 @@ def validation_metrics(
     if 0 < y.sum() < len(y):
         auc = auc_ci(y, prob).auc
     return {"val-loss": bce_loss(prob, y), "val-auc": auc, "num-examples": float(len(y))}
+
+
+@torch.no_grad()
+def ssl_validation(model: nn.Module, data: SiteData, seed: int = 0
+                   ) -> dict[str, int | float | list[int] | list[float]]:
+    """The self-supervised loss on a site's validation patches (two fixed-seed views of each;
+    NaN when the split has fewer than two patients); no AUC in this stage."""
+    from hcc_fl.shared.ssl_augment import two_views
+
+    model.eval()
+    loss = float("nan")
+    if len(data) > 1:
+        v1, v2 = two_views(data.video, torch.Generator().manual_seed(seed))
+        loss = float(model(v1, v2))
+    return {"val-loss": loss, "val-auc": float("nan"), "num-examples": float(len(data))}

@@ -24,9 +24,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from hcc_fl.client.components import SiteScorer, external_components, site_tabular
+from hcc_fl.client.components import (
+    SiteScorer,
+    deep_model_extras,
+    external_components,
+    site_tabular,
+)
 from hcc_fl.client.data import SiteData, load_site
-from hcc_fl.client.evaluate import validation_metrics
+from hcc_fl.client.evaluate import ssl_validation, validation_metrics
 from hcc_fl.client.privacy import (
     PrivacyConfig,
     PrivacyLedger,
@@ -54,7 +59,7 @@ from hcc_fl.shared.components import TabularState, TaskComponents
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
-from hcc_fl.shared.models import build_model
+from hcc_fl.shared.models import build_model, build_ssl_model
 from hcc_fl.shared.version import code_version
 
 log = logging.getLogger("hcc_fl.site")
@@ -151,9 +156,16 @@ def _num(record: Any, key: str, default: float | None = None) -> float:
     return float(cast(Any, value))
 
 
+def _stage(msg: Message) -> str:
+    """``ssl`` during a task's self-supervised stage, else ``supervised``."""
+    cfg = msg.content.config_records.get(R.CONFIG)
+    return str(cfg.get("stage", "supervised")) if cfg is not None else "supervised"
+
+
 def _model(msg: Message, context: Context) -> torch.nn.Module:
     rc = context.run_config
-    model = build_model(str(rc["task"]), str(rc["profile"]))
+    build = build_ssl_model if _stage(msg) == "ssl" else build_model
+    model = build(str(rc["task"]), str(rc["profile"]))
     arrays = cast(ArrayRecord, msg.content[R.ARRAYS])
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
@@ -277,7 +289,8 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
     rc = context.run_config
     cfg = msg.content[R.CONFIG]
     model = _model(msg, context)
-    data = _load(site, context, ("train",))
+    ssl = _stage(msg) == "ssl"  # self-supervised: the unlabelled train and val patches
+    data = _load(site, context, ("train", "val") if ssl else ("train",))
     server_round = int(_num(cfg, "server-round", 0))
     tc = TrainConfig(
         epochs=int(_num(cfg, "local-epochs")),
@@ -289,6 +302,7 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
         + zlib.crc32(site.name.encode()),
         device=str(rc.get("device", "cpu")),
         objective=str(cfg.get("objective", "bce")),
+        freeze_encoder=bool(int(_num(cfg, "freeze-encoder", 0))),
     )
     values: Metrics
     if str(rc.get("privacy-mode", "none")) == "dp":
@@ -422,7 +436,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: per-round validation refused")
     model = _model(msg, context)
-    m = validation_metrics(model, _load(site, context, ("val",)), str(context.run_config["device"]))
+    data = _load(site, context, ("val",))
+    if _stage(msg) == "ssl":
+        m = ssl_validation(model, data, int(_num(context.run_config, "seed")))
+    else:
+        m = validation_metrics(model, data, str(context.run_config["device"]))
     if str(context.run_config.get("privacy-mode", "none")) == "central-dp":
         m["unit-weight"] = 1.0  # the strategy's weighting key under central DP
     return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
@@ -486,6 +504,8 @@ def external_eval(msg: Message, context: Context) -> Message:
     report = dict(out["components"][scorer.components.deep])
     if len(thresholds) > 1 or out["resplit_auc"]:
         report.update(out)
+    if scorer.deep is not None:
+        report.update(deep_model_extras(scorer.deep, data, str(context.run_config["device"])))
     return Message(
         RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(report)})}), reply_to=msg
     )

@@ -50,6 +50,15 @@ def check_config(cfg: dict[str, Any]) -> None:
         comps = TaskComponents.from_task_config(cfg["task"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"task: {exc}") from exc
+    ssl = cfg["task"].get("ssl") or {}
+    if ssl.get("enabled"):
+        if int(ssl.get("rounds", 0)) < 1 or int(ssl.get("local_epochs", 0)) < 1:
+            raise ConfigError("task.ssl.rounds and task.ssl.local_epochs must be >= 1")
+        if int(ssl.get("batch_size", 0)) < 2:
+            raise ConfigError("task.ssl.batch_size must be >= 2 (Barlow Twins standardises "
+                              "over the batch)")
+        if cfg["task"].get("finetune", "full") not in ("full", "linear"):
+            raise ConfigError("task.finetune must be 'full' or 'linear'")
     if comps.tabular and (comps.rounds < 1 or comps.local_epochs < 1 or comps.resplits < 0):
         raise ConfigError("task.tabular_rounds and task.tabular_local_epochs must be >= 1 and "
                           "task.resplits >= 0")
@@ -89,6 +98,10 @@ def check_config(cfg: dict[str, Any]) -> None:
     if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
         raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
                           "(the coordinator must see each update to clip it); use privacy=dp")
+    if ssl.get("enabled") and privacy.mode != "none":
+        raise ConfigError(f"privacy={privacy.mode}: task {task}'s self-supervised stage "
+                          "(Barlow Twins) couples the samples of a batch, so DP-SGD gives no "
+                          "per-patient guarantee; set task.ssl.enabled=false or privacy=none")
     if str(cfg["task"].get("objective", "bce")) != "bce" and privacy.mode == "dp":
         raise ConfigError(f"privacy=dp: task {task} trains with the "
                           f"'{cfg['task']['objective']}' objective, which the DP-SGD path does "
@@ -102,3 +115,27 @@ def check_config(cfg: dict[str, Any]) -> None:
                           "aggregated in the clear in this release; disable it for this task")
     if cfg["model"]["profile"] not in ("tiny", "full"):
         raise ConfigError(f"model.profile: unknown profile '{cfg['model']['profile']}'")
+
+
+NO_SSL = "_nossl"
+
+
+def arm_names(cfg: dict[str, Any]) -> list[str]:
+    """The federated arms of a run: each configured strategy, followed by its no-SSL ablation
+    ``<strategy>_nossl`` when the task pretrains with SSL and asks for the ablation."""
+    out = []
+    task = cfg["task"]
+    ablation = bool((task.get("ssl") or {}).get("enabled")) and bool(task.get("ablation_no_ssl"))
+    for a in cfg["strategy"]["arms"]:
+        out.append(str(a["name"]))
+        if ablation:
+            out.append(f"{a['name']}{NO_SSL}")
+    return out
+
+
+def arm_strategy(cfg: dict[str, Any], arm: str) -> tuple[dict[str, Any], bool]:
+    """The strategy block of ``arm`` and whether the arm pretrains with SSL."""
+    base = arm.removesuffix(NO_SSL)
+    block = next(a for a in cfg["strategy"]["arms"] if a["name"] == base)
+    ssl = bool((cfg["task"].get("ssl") or {}).get("enabled")) and not arm.endswith(NO_SSL)
+    return block, ssl

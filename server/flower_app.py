@@ -239,6 +239,47 @@ def external_evaluation(
     return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
 
 
+def pretrain_ssl(
+    grid_: Grid, cfg: dict[str, Any], arm: str, arm_cfg: dict[str, Any], model: torch.nn.Module,
+    names: dict[int, str], train_nodes: list[int], training: list[str],
+) -> tuple[ArrayRecord, list[dict[str, Any]]]:
+    """Stage 1: federated self-supervised pretraining (Barlow Twins) of the task's encoder on
+    the training sites' unlabelled patches, with the arm's strategy; the pretrained encoder is
+    loaded into ``model`` (in place). Returns the model's weights and the stage's history
+    (arm ``<arm>:ssl``)."""
+    from hcc_fl.shared.models import build_ssl_model
+
+    fed, ssl = cfg["federation"], cfg["task"]["ssl"]
+    torch.manual_seed(int(cfg["seed"]) + 1)
+    ssl_model = build_ssl_model(cfg["task"]["name"], cfg["model"]["profile"])
+    strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
+                              float(arm_cfg.get("proximal_mu", 0.0)))
+    strategy.setup_sites(  # type: ignore[attr-defined]
+        f"{arm}:ssl", names, train_nodes, int(fed["min_sites"]),
+        max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
+        describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
+        training_sites=training,
+    )
+    stage = {"stage": "ssl"}
+    train_config = ConfigRecord({
+        **stage, "local-epochs": int(ssl["local_epochs"]), "batch-size": int(ssl["batch_size"]),
+        "lr": float(ssl["lr"]), "weight-decay": float(cfg["model"]["weight_decay"]),
+        "objective": "barlow",
+    })
+    log.info("%s: stage 1, %d rounds of federated Barlow Twins pretraining", arm,
+             int(ssl["rounds"]))
+    final = strategy.run_rounds(  # type: ignore[attr-defined]
+        grid_, ArrayRecord(ssl_model.state_dict()), 1, int(ssl["rounds"]),
+        float(fed["round_timeout_s"]), train_config, ConfigRecord({"stage": "ssl"}),
+    )
+    if not strategy.aggregated_rounds:  # type: ignore[attr-defined]
+        raise FederationError(f"{arm}: the self-supervised stage produced no model")
+    ssl_model.load_state_dict(final.to_torch_state_dict())
+    model.encoder.load_state_dict(ssl_model.encoder.state_dict())  # type: ignore[union-attr,operator]
+    history = [{**h, "arm": f"{arm}:ssl"} for h in strategy.history]  # type: ignore[attr-defined]
+    return ArrayRecord(model.state_dict()), history
+
+
 def tabular_asker(
     grid_: Grid, nodes: list[int], names: dict[int, str], comps_json: str, timeout: float,
     fixed: dict[str, TabularState] | None = None, deep: ArrayRecord | None = None,
@@ -304,7 +345,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
     AUDIT.record("run-start", arm=arm, run=int(context.run_id),
                  detail=f"hcc-fl {code_version()}")
     fed = cfg["federation"]
-    arm_cfg = next(a for a in cfg["strategy"]["arms"] if a["name"] == arm)
+    from hcc_fl.server.config import arm_strategy
+
+    arm_cfg, ssl_on = arm_strategy(cfg, arm)
     training = list(fed["training_sites"])
     external = fed.get("external_site")
 
@@ -323,8 +366,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
     model = build_model(cfg["task"]["name"], cfg["model"]["profile"])
     privacy = cfg.get("privacy") or {"mode": "none"}
     central_dp = privacy.get("mode") == "central-dp"
-    strategy = build_strategy(arm, len(train_nodes), float(arm_cfg.get("proximal_mu", 0.0)),
-                              equal_weights=central_dp)
+    strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
+                              float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp)
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
@@ -367,6 +410,12 @@ def run_arm(grid_: Grid, context: Context) -> None:
         log.info("%s: resuming after round %d from %s", arm, first_round - 1, ckpt_path)
         AUDIT.record("resume", arm=arm, round=first_round - 1)
     t0 = time.monotonic()
+    ssl_history: list[dict[str, Any]] = []
+    if ssl_on and first_round == 1:
+        arrays, ssl_history = pretrain_ssl(grid_, cfg, arm, arm_cfg, model, names, train_nodes,
+                                           training)
+        if cfg["task"].get("finetune", "full") == "linear":
+            train_config["freeze-encoder"] = 1
 
     def checkpoint(rnd: int, current: ArrayRecord) -> None:
         save_checkpoint(ckpt_path, {
@@ -448,7 +497,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
              "n_train": v["n-train"], "n_val": v["n-val"], "n_test": v["n-test"]}
             for v in sites.values()
         ],
-        "history": strategy.history,  # type: ignore[attr-defined]
+        "history": ssl_history + strategy.history,  # type: ignore[attr-defined]
+        "ssl": ({"rounds": int(cfg["task"]["ssl"]["rounds"]),
+                 "finetune": cfg["task"].get("finetune", "full")} if ssl_on else None),
         "rejections": strategy.rejections,  # type: ignore[attr-defined]
     })
     AUDIT.record("run-end", arm=arm, run=int(context.run_id))

@@ -213,6 +213,7 @@ def build_report(run_dir: Path) -> str:
         _figure(p, c) for p, c in zip(plots, captions, strict=False)) + "</div>")
     parts.extend(_components_section(metrics))
     parts.extend(_segmentation_and_cox_section(metrics))
+    parts.extend(_ssl_and_cam_section(metrics))
 
     comps = metrics.get("comparisons") or []
     if comps:
@@ -419,6 +420,61 @@ def _segmentation_and_cox_section(metrics: dict[str, Any]) -> list[str]:
             parts.append("<h3>Federated Cox coefficients</h3>")
             parts.append(_table(["arm", "model", "covariate", "coef", "SE", "hazard ratio",
                                  "baseline H0(horizon)"], hr_rows))
+    return parts
+
+
+def _cam_plot(arm: str, cam: dict[str, Any]) -> str:
+    import numpy as np
+
+    fig, ax = plt.subplots(1, 2, figsize=(7.5, 3.6))
+    img = np.asarray(cam["mean_image"])
+    ax[0].imshow(img, cmap="gray")
+    ax[0].contour(np.asarray(cam["mean_mask"]), levels=[0.5], colors="yellow", linewidths=1)
+    ax[0].set_title("mean arterial phase, lesion outline", fontsize=9)
+    ax[1].imshow(img, cmap="gray")
+    ax[1].imshow(np.asarray(cam["mean_cam"]), cmap="jet", alpha=0.45)
+    ax[1].contour(np.asarray(cam["mean_mask"]), levels=[0.5], colors="white", linewidths=1)
+    ax[1].set_title(f"mean Grad-CAM, {arm}", fontsize=9)
+    for a in ax:
+        a.axis("off")
+    return _png(fig)
+
+
+def _ssl_and_cam_section(metrics: dict[str, Any]) -> list[str]:
+    """The self-supervised pretraining ablation (paired DeLong of each arm against its no-SSL
+    twin) and the Grad-CAM localisation on the external site."""
+    ext = metrics.get("external", {})
+    parts: list[str] = []
+    pairs = [c for c in metrics.get("comparisons") or []
+             if c["b"] == f"{c['a']}_nossl" or c["a"] == f"{c['b']}_nossl"]
+    if pairs:
+        parts.append("<h2>Self-supervised pretraining ablation (external site)</h2>")
+        parts.append("<p>Each federated strategy trained twice in the same run: after federated "
+                     "Barlow Twins pretraining of the encoder, and from scratch "
+                     "(<code>_nossl</code>) with the same fine-tuning budget; paired DeLong "
+                     "test on the same external patients.</p>")
+        parts.append(_table(["with SSL", "without", "AUC with", "AUC without",
+                             "difference (95% CI)", "p"],
+                            [[html.escape(c["a"]), html.escape(c["b"]), _f(c["auc_a"]),
+                              _f(c["auc_b"]),
+                              _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")),
+                              _f(c["p_value"], 4)] for c in pairs]))
+    cams = [(a, e["cam"]) for a, e in ext.items() if "/" not in a and e.get("cam")]
+    if cams:
+        parts.append("<h2>Grad-CAM on the external site</h2>")
+        parts.append("<p>Share of the top-10 % Grad-CAM mass that falls inside the lesion "
+                     "mask, against the share expected if it were spread at random "
+                     "(one-sided paired test over patients). The images are means over all "
+                     "external patients, lesion-centred: no single patient's pixels leave the "
+                     "site.</p>")
+        parts.append(_table(["arm", "n", "in-mask share", "chance", "p"],
+                            [[html.escape(a), str(c["n"]), _f(c["in_mask_fraction"]),
+                              _f(c["chance"]), _f(c["p_value"], 4)] for a, c in cams]))
+        primary = metrics.get("model", {}).get("arm")
+        chosen = [(a, c) for a, c in cams if a == primary] or cams[:1]
+        parts.append('<div class="grid">' + "".join(
+            _figure(_cam_plot(a, c), f"Mean Grad-CAM over the external patients, {a}")
+            for a, c in chosen) + "</div>")
     return parts
 
 

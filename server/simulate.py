@@ -293,7 +293,9 @@ def run_simulation(
     fed = cfg["federation"]
     n_nodes = len(fed["training_sites"]) + (1 if fed.get("external_site") else 0)
     arm_results: dict[str, dict[str, Any]] = {}
-    arms = [a["name"] for a in cfg["strategy"]["arms"]]
+    from hcc_fl.server.config import arm_names
+
+    arms = arm_names(cfg)
     if arms:
         t0 = time.monotonic()
         link_cm = (

@@ -173,6 +173,7 @@ TASKS: dict[str, TaskSpec] = {
             Column("mr_lesion_mask", "mask", required=False),
             Column("prolif", "binary", label=True),
         ),
+        trainable=True,
     ),
     "aclf_us": TaskSpec(
         name="aclf_us",

@@ -8,12 +8,13 @@ from torch import nn
 
 from hcc_fl.shared.models.cecmm import CECMM, PROFILES, CecmmConfig
 from hcc_fl.shared.models.er import ER_PROFILES, ErConfig, SharedResNet2D
+from hcc_fl.shared.models.phcc import PHCC_PROFILES, BarlowTwinsModel, PhccClassifier
 from hcc_fl.shared.models.siamese import SIAMESE_PROFILES, SiameseUNet
 
-__all__ = ["CECMM", "CecmmConfig", "ErConfig", "SharedResNet2D", "SiameseUNet", "build_model",
-           "input_shape"]
+__all__ = ["CECMM", "CecmmConfig", "ErConfig", "PhccClassifier", "SharedResNet2D",
+           "SiameseUNet", "build_model", "build_ssl_model", "input_shape"]
 
-_TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus", "aclf_us")
+_TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus", "phcc_mri", "aclf_us")
 
 
 def _check_profile(profile: str) -> None:
@@ -26,7 +27,8 @@ def build_model(task: str, profile: str) -> nn.Module:
 
     ``ki67_ceus``: CECMM (video + 7 clinical variables); ``tace_ceus``: R-DLCEUS, the same video
     encoder without the clinical branch; ``er_ceus``: the shared 2-D ResNet over three images;
-    ``aclf_us``: the Siamese U-Net over the T0/T1 ultrasound pair.
+    ``aclf_us``: the Siamese U-Net over the T0/T1 ultrasound pair; ``phcc_mri``: the 2-D ResNet
+    over the 4 DCE-MRI phases plus wash-in and wash-out channels.
 
     Raises
     ------
@@ -42,8 +44,19 @@ def build_model(task: str, profile: str) -> nn.Module:
         return SharedResNet2D(ER_PROFILES[profile])
     if task == "aclf_us":
         return SiameseUNet(SIAMESE_PROFILES[profile])
+    if task == "phcc_mri":
+        return PhccClassifier(PHCC_PROFILES[profile])
     raise KeyError(f"task '{task}' has no model in this release; trainable: "
                    f"{', '.join(_TRAINABLE)}")
+
+
+def build_ssl_model(task: str, profile: str) -> nn.Module:
+    """The self-supervised pretraining model of ``task`` (``phcc_mri``: Barlow Twins on the
+    classifier's encoder; its ``encoder`` state loads into ``build_model``'s ``encoder``)."""
+    _check_profile(profile)
+    if task == "phcc_mri":
+        return BarlowTwinsModel(PHCC_PROFILES[profile])
+    raise KeyError(f"task '{task}' has no self-supervised stage")
 
 
 def input_shape(task: str, profile: str) -> tuple[int, int]:
@@ -56,4 +69,6 @@ def input_shape(task: str, profile: str) -> tuple[int, int]:
         return 0, ER_PROFILES[profile].size
     if task == "aclf_us":
         return 0, SIAMESE_PROFILES[profile].size
+    if task == "phcc_mri":
+        return 0, PHCC_PROFILES[profile].size
     raise KeyError(f"task '{task}' has no model in this release")

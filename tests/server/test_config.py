@@ -42,7 +42,7 @@ def test_bad_config_is_named(override: str, message: str) -> None:
         (["task=er_ceus", "secure_aggregation.enabled=true"], "aggregated in the clear"),
         (["task=tace_ceus", "task.tabular_rounds=0"], "tabular_rounds"),
         (["task=er_ceus", "task.stack.inputs=[deep]"], "stack.inputs"),
-        (["task.name=phcc_mri"], "trainable: aclf_us, er_ceus, ki67_ceus, tace_ceus"),
+        (["task.name=nosuch"], "unknown task .nosuch."),
     ],
 )
 def test_task_component_configs_are_checked(overrides: list[str], message: str) -> None:
@@ -68,3 +68,21 @@ def test_aclf_components_and_dp_refusal() -> None:
     assert [c.inputs for c in comps.cox] == [("siamese_unet", "meld", "age"), ("meld", "age")]
     with pytest.raises(ConfigError, match="siamese"):
         compose_config(["task=aclf_us", "privacy=dp"])
+
+
+def test_phcc_arms_and_ssl_checks() -> None:
+    from hcc_fl.server.config import arm_names, arm_strategy
+
+    cfg = compose_config(["task=phcc_mri"])
+    assert arm_names(cfg) == ["fedavg", "fedavg_nossl", "fedprox", "fedprox_nossl"]
+    block, ssl = arm_strategy(cfg, "fedprox_nossl")
+    assert block["name"] == "fedprox" and block["proximal_mu"] > 0 and not ssl
+    assert arm_strategy(cfg, "fedavg")[1]
+    assert arm_names(compose_config(["task=phcc_mri", "task.ablation_no_ssl=false"])) == [
+        "fedavg", "fedprox"]
+    assert arm_names(compose_config(["task=ki67_ceus"])) == ["fedavg", "fedprox"]
+    for overrides, message in ((["privacy=dp"], "Barlow Twins"),
+                               (["task.ssl.batch_size=1"], "batch_size"),
+                               (["task.finetune=half"], "finetune")):
+        with pytest.raises(ConfigError, match=message):
+            compose_config(["task=phcc_mri", *overrides])
