@@ -280,6 +280,27 @@ def _train_dp(model: torch.nn.Module, data: SiteData, site: SiteContext, context
 Metrics = dict[str, int | float | list[int] | list[float]]
 
 
+def _local_projector(model: torch.nn.Module, context: Context, site: SiteContext
+                     ) -> Callable[[torch.nn.Module], None]:
+    """``task.ssl.projector: local``: this site's own projector head replaces the one the
+    coordinator sent (from the site's state folder, once it exists); returns the function that
+    saves it again after training. The coordinator still averages what comes back, but no site
+    uses that average."""
+    path = (_site_state(context, site) / "ssl" /
+            (str(context.run_config["run-key"]).replace("/", "__") + "-projector.pt"))
+    projector = cast(torch.nn.Module, model.projector)
+    if path.is_file():
+        projector.load_state_dict(torch.load(path))
+
+    def save(trained: torch.nn.Module) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(cast(torch.nn.Module, trained.projector).state_dict(), tmp)
+        tmp.replace(path)
+
+    return save
+
+
 def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metrics]:
     """Train the received global model at this site; returns the model and the metrics."""
     site = resolve_site(context)
@@ -309,7 +330,11 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
         loss, n, eps, delta = _train_dp(model, data, site, context, tc, server_round)
         values = {"train-loss": loss, R.NUM_EXAMPLES: n, "dp-epsilon": eps, "dp-delta": delta}
     else:
+        keep = _local_projector(model, context, site) if ssl and int(
+            _num(cfg, "projector-local", 0)) else None
         outcome = train_one_round(model, data, tc)
+        if keep is not None:
+            keep(model)
         values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
         if str(rc.get("privacy-mode", "none")) == "central-dp":
             values["unit-weight"] = 1.0  # central DP averages the sites with equal weights

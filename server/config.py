@@ -57,6 +57,8 @@ def check_config(cfg: dict[str, Any]) -> None:
         if int(ssl.get("batch_size", 0)) < 2:
             raise ConfigError("task.ssl.batch_size must be >= 2 (Barlow Twins standardises "
                               "over the batch)")
+        if ssl.get("projector", "average") not in ("average", "local"):
+            raise ConfigError("task.ssl.projector must be 'average' or 'local'")
         if cfg["task"].get("finetune", "full") not in ("full", "linear"):
             raise ConfigError("task.finetune must be 'full' or 'linear'")
     if comps.tabular and (comps.rounds < 1 or comps.local_epochs < 1 or comps.resplits < 0):

@@ -265,6 +265,7 @@ def pretrain_ssl(
         **stage, "local-epochs": int(ssl["local_epochs"]), "batch-size": int(ssl["batch_size"]),
         "lr": float(ssl["lr"]), "weight-decay": float(cfg["model"]["weight_decay"]),
         "objective": "barlow",
+        "projector-local": int(str(ssl.get("projector", "average")) == "local"),
     })
     log.info("%s: stage 1, %d rounds of federated Barlow Twins pretraining", arm,
              int(ssl["rounds"]))

@@ -2,10 +2,10 @@
 
 Each view of a (B, 4, H, W) batch of standardised PRE/ART/PV/DEL patches gets, per sample:
 
-* a random resized crop (area fraction in ``crop_scale``, width/height in ``aspect_ratio``) resampled
-  back to H x W, a random horizontal flip and a rotation by a multiple of 90 degrees, all in one
-  bilinear ``grid_sample`` so the four phases move together (the phases are co-registered and
-  the kinetic channels ART - PRE, ART - DEL must stay meaningful);
+* a random resized crop (area fraction in ``crop_scale``, width/height in ``aspect_ratio``)
+  resampled back to H x W, a random horizontal flip and a rotation by a multiple of 90
+  degrees, all in one bilinear ``grid_sample`` so the four phases move together (the phases
+  are co-registered and the kinetic channels ART - PRE, ART - DEL must stay meaningful);
 * an intensity scale and shift drawn per sample and shared by the four phases (the phase
   order and the relative enhancement carry the timing signal, so they are kept);
 * additive Gaussian noise, independent per pixel and phase.
@@ -17,6 +17,7 @@ Only torch operations are used and every random number comes from the caller's
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,11 @@ def augment(batch: Tensor, generator: torch.Generator, *,
     shift = _uniform(b, -intensity_shift, intensity_shift, g)
     noise = torch.randn(batch.shape, generator=g, device=g.device)
 
-    x = batch.to(torch.float32)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    x = batch if batch.is_floating_point() else batch.float()
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = x * scale.to(x.device).view(b, 1, 1, 1) + shift.to(x.device).view(b, 1, 1, 1)
-    return x + noise_std * noise.to(x.device)
+    x = x * scale.to(x).view(b, 1, 1, 1) + shift.to(x).view(b, 1, 1, 1)
+    return x + noise_std * noise.to(x)
 
 
 def two_views(batch: Tensor, generator: torch.Generator, *,
@@ -78,9 +79,10 @@ def two_views(batch: Tensor, generator: torch.Generator, *,
     The keyword arguments set the strength of each augmentation (see ``augment``); a fixed
     ``generator`` state gives the same two views.
     """
-    kw = {"crop_scale": crop_scale, "aspect_ratio": aspect_ratio, "intensity_scale": intensity_scale,
-          "intensity_shift": intensity_shift, "noise_std": noise_std}
-    return augment(batch, generator, **kw), augment(batch, generator, **kw)
+    view = partial(augment, crop_scale=crop_scale, aspect_ratio=aspect_ratio,
+                   intensity_scale=intensity_scale, intensity_shift=intensity_shift,
+                   noise_std=noise_std)
+    return view(batch, generator), view(batch, generator)
 
 
 __all__ = ["augment", "two_views"]

@@ -91,7 +91,7 @@ class PhccClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.encoder.out_features, 1))
 
     def freeze_encoder(self, flag: bool = True) -> None:
-        """Freeze (``flag=True``, linear probe) or unfreeze the encoder; the head stays trainable."""
+        """Freeze (``flag=True``: linear probe) or unfreeze the encoder; head stays trainable."""
         for p in self.encoder.parameters():
             p.requires_grad_(not flag)
 

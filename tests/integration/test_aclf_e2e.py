@@ -22,7 +22,7 @@ def aclf_run(demo_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = subprocess.run(
         [script("hcc-fl"), "simulate", "task=aclf_us", f"data_root={demo_phantom}",
          f"runs_dir={runs}", "run_name=aclf", "strategy=fedavg", "baselines.local=false",
-         "federation.rounds=2", "--quiet"],
+         "federation.rounds=1", "--quiet"],
         capture_output=True, text=True, timeout=1500,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

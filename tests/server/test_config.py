@@ -86,3 +86,10 @@ def test_phcc_arms_and_ssl_checks() -> None:
                                (["task.finetune=half"], "finetune")):
         with pytest.raises(ConfigError, match=message):
             compose_config(["task=phcc_mri", *overrides])
+
+
+def test_ssl_projector_option_is_checked() -> None:
+    assert compose_config(["task=phcc_mri", "task.ssl.projector=local"])["task"]["ssl"][
+        "projector"] == "local"
+    with pytest.raises(ConfigError, match="projector"):
+        compose_config(["task=phcc_mri", "task.ssl.projector=shared"])
