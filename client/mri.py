@@ -408,6 +408,13 @@ def _normal(orientation: Sequence[float], path: Path) -> F64:
     return np.asarray(n / norm, dtype=np.float64)
 
 
+def _presence(tag: str, fr: _Frame, ref: _Frame, fr_missing: bool, label: str) -> DataIssue:
+    """A tag present in one slice of a series and missing in another."""
+    missing, present = (fr, ref) if fr_missing else (ref, fr)
+    return DataIssue(str(missing.path), f"{tag} missing in {missing.where} but present in "
+                                        f"{present.where} (series {label})")
+
+
 def _check_same(frames: Sequence[_Frame], h: _Header) -> None:
     """Rows/Columns, PixelSpacing and ImageOrientationPatient agree between slices."""
     ref = frames[0]
@@ -421,19 +428,15 @@ def _check_same(frames: Sequence[_Frame], h: _Header) -> None:
         if np.max(np.abs(np.subtract(fr.pixel_spacing, ref.pixel_spacing))) > SPACING_TOL_MM:
             issues.append(differs("PixelSpacing", fr.pixel_spacing, ref.pixel_spacing))
         if (fr.orientation is None) != (ref.orientation is None):
-            missing, present = (fr, ref) if fr.orientation is None else (ref, fr)
-            issues.append(DataIssue(str(missing.path), f"ImageOrientationPatient missing in "
-                                    f"{missing.where} but present in {present.where} "
-                                    f"(series {h.label})"))
+            issues.append(_presence("ImageOrientationPatient", fr, ref, fr.orientation is None,
+                                    h.label))
         elif fr.orientation is not None and ref.orientation is not None and np.max(
             np.abs(np.subtract(fr.orientation, ref.orientation))
         ) > ORIENTATION_TOL:
             issues.append(differs("ImageOrientationPatient", fr.orientation, ref.orientation))
         if (fr.position is None) != (ref.position is None):
-            missing, present = (fr, ref) if fr.position is None else (ref, fr)
-            issues.append(DataIssue(str(missing.path), f"ImagePositionPatient missing in "
-                                    f"{missing.where} but present in {present.where} "
-                                    f"(series {h.label})"))
+            issues.append(_presence("ImagePositionPatient", fr, ref, fr.position is None,
+                                    h.label))
         if len(issues) >= 20:
             break
     if issues:
