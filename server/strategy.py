@@ -28,12 +28,28 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from hcc_fl.server.aggregate import (
+    NPY_STYPE,
+    all_finite,
+    array_view,
+    mean_and_distances,
+    sq_distance,
+    weighted_mean,
+)
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 
@@ -184,7 +200,8 @@ class SiteAwareMixin:
                         "updates travel in clear text", server_round)
         if self._expected is None:
             self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        self._global = {k: v.numpy() for k, v in arrays.items()}
+        # Zero-copy views of the round's global model (the record outlives the round).
+        self._global = {k: array_view(v) for k, v in arrays.items()}
         self._refresh_sites(grid)
         out = self._only_training(
             super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
@@ -237,8 +254,12 @@ class SiteAwareMixin:
                                 "reason": reason})
         self._received(server_round, msg, kind, f"rejected: {reason}")
 
-    def _screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        good = []
+    def _screen_cheap(self, server_round: int, replies: Iterable[Message]
+                      ) -> list[tuple[Message, dict[str, np.ndarray]]]:
+        """The checks that do not read parameter values: errors, sender, records, names and
+        shapes, num-examples, loss. Returns the candidates (site order) with zero-copy views
+        of their arrays."""
+        out = []
         for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
@@ -255,8 +276,13 @@ class SiteAwareMixin:
             if self._expected is not None and shapes != self._expected:
                 self._reject(server_round, msg, "parameters of the wrong names or shapes")
                 continue
-            if not all(np.all(np.isfinite(v.numpy())) for v in arrays.values()):
-                self._reject(server_round, msg, "non-finite parameters")
+            try:
+                views = {k: array_view(v) for k, v in arrays.items()}
+            except ValueError as exc:
+                self._reject(server_round, msg, f"unreadable parameters ({exc})")
+                continue
+            if any(tuple(v.shape) != shapes[k] for k, v in views.items()):
+                self._reject(server_round, msg, "parameters of the wrong names or shapes")
                 continue
             metrics = next(iter(content.metric_records.values()))
             n = metrics.get(R.NUM_EXAMPLES)
@@ -267,40 +293,64 @@ class SiteAwareMixin:
             if not isinstance(loss, (int, float)) or not math.isfinite(loss):
                 self._reject(server_round, msg, "missing or non-finite train-loss")
                 continue
-            good.append(msg)
-        return self._screen_norms(server_round, good)
+            out.append((msg, views))
+        return out
 
-    def _update_norm(self, msg: Message) -> float:
-        arrays = next(iter(msg.content.array_records.values()))
-        assert self._global is not None
-        sq = 0.0
-        for k, v in arrays.items():
-            d = v.numpy().astype(np.float64) - self._global[k].astype(np.float64)
-            sq += float(np.sum(d * d))
-        return math.sqrt(sq)
-
-    def _screen_norms(self, server_round: int, good: list[Message]) -> list[Message]:
-        """Reject updates whose L2 norm exceeds ``max_norm_ratio`` x the median norm."""
+    def _screen_values(self, server_round: int,
+                       cands: list[tuple[Message, dict[str, np.ndarray]]],
+                       sq: list[float]) -> list[tuple[Message, dict[str, np.ndarray]]]:
+        """Reject non-finite updates, then updates whose L2 distance to the global model
+        exceeds ``max_norm_ratio`` x the median (``sq``: squared distances, non-finite iff a
+        value is or the distance overflows; an overflow is then screened as an outlier)."""
+        good, norms = [], []
+        for (msg, views), d2 in zip(cands, sq, strict=True):
+            if not math.isfinite(d2) and not all_finite(views):
+                self._reject(server_round, msg, "non-finite parameters")
+                continue
+            good.append((msg, views))
+            norms.append(math.sqrt(d2) if math.isfinite(d2) else math.inf)
         if self.max_norm_ratio <= 0 or self._global is None or len(good) < 2:
             return good
-        norms = {id(m): self._update_norm(m) for m in good}
-        median = float(np.median(list(norms.values())))
+        median = float(np.median(norms))
         kept = []
-        for m in good:
-            if median > 0 and norms[id(m)] > self.max_norm_ratio * median:
-                self._reject(server_round, m, f"update norm {norms[id(m)]:.3g} exceeds "
+        for (m, views), norm in zip(good, norms, strict=True):
+            if median > 0 and norm > self.max_norm_ratio * median:
+                self._reject(server_round, m, f"update norm {norm:.3g} exceeds "
                              f"{self.max_norm_ratio:g} x the median {median:.3g}")
             else:
-                kept.append(m)
+                kept.append((m, views))
         return kept
+
+    def _screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """All screens, without aggregating (central DP clips only screened replies)."""
+        cands = self._screen_cheap(server_round, replies)
+        sq = [sq_distance(views, self._global) for _, views in cands]
+        return [m for m, _ in self._screen_values(server_round, cands, sq)]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen replies, record per-site training metrics, then aggregate with Flower."""
-        # Aggregate in a fixed (site name) order: replies arrive in any order, and the order of
-        # the floating-point sums must not change the result between runs.
-        good = sorted(self._screen_train(server_round, list(replies)), key=self._site)
+        """Screen replies, record per-site training metrics, aggregate.
+
+        The update distances for the norm screen and the weighted mean come from one pass over
+        the updates (:func:`hcc_fl.server.aggregate.mean_and_distances`, zero-copy reads, no
+        model-sized temporaries); only when the screen rejects an update is the mean of the
+        rest computed again. Replies are taken in site order: the order of the floating-point
+        sums, and so the result, does not depend on the order in which replies arrived."""
+        cands = self._screen_cheap(server_round, list(replies))
+        mean: dict[str, Any] | None = None
+        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
+        dtypes = {k: v.dtype for k, v in self._global.items()} if self._global else None
+        if cands:
+            self._check_and_log_replies([m for m, _ in cands], is_train=True)  # type: ignore[attr-defined]
+            weights = [self._weight(m, weight_key) for m, _ in cands]
+            mean, sq = mean_and_distances([v for _, v in cands], weights, self._global, dtypes)
+            kept = self._screen_values(server_round, cands, sq)
+            if len(kept) != len(cands):
+                mean = None
+        else:
+            kept = []
+        good = [m for m, _ in kept]
         if len(good) < self.min_sites:
             log.warning(
                 "round %d: only %d usable replies (min_sites=%d): the global model is unchanged",
@@ -321,10 +371,19 @@ class SiteAwareMixin:
                 entry["dp_epsilon"] = float(metrics["dp-epsilon"])  # type: ignore[arg-type]
                 entry["dp_delta"] = float(metrics["dp-delta"])  # type: ignore[arg-type]
             self.history.append(entry)
-        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
-        if arrays is not None:
-            self.aggregated_rounds.append(server_round)
-        return arrays, metrics
+        if mean is None:  # something was rejected: the mean of the kept updates
+            mean = weighted_mean([v for _, v in kept],
+                                 [self._weight(m, weight_key) for m in good], dtypes)
+        arrays = ArrayRecord({k: Array(dtype=str(dt), shape=shape, stype=NPY_STYPE, data=data)
+                              for k, (dt, shape, data) in mean.items()})
+        agg_metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [m.content for m in good], weight_key)
+        self.aggregated_rounds.append(server_round)
+        return arrays, agg_metrics
+
+    @staticmethod
+    def _weight(msg: Message, key: str) -> float:
+        return float(cast(Any, next(iter(msg.content.metric_records.values()))[key]))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
