@@ -21,7 +21,15 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from hcc_fl.client.components import (
@@ -61,6 +69,7 @@ from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model, build_ssl_model
 from hcc_fl.shared.version import code_version
+from hcc_fl.shared.wire import array_view, is_packed, layout_of, pack, unpack, wire_dtype
 
 log = logging.getLogger("hcc_fl.site")
 app = ClientApp()
@@ -167,8 +176,23 @@ def _model(msg: Message, context: Context) -> torch.nn.Module:
     build = build_ssl_model if _stage(msg) == "ssl" else build_model
     model = build(str(rc["task"]), str(rc["profile"]))
     arrays = cast(ArrayRecord, msg.content[R.ARRAYS])
-    model.load_state_dict(arrays.to_torch_state_dict())
+    if is_packed(arrays.keys()):  # one array per dtype (shared/wire.py)
+        state = unpack({k: array_view(v) for k, v in arrays.items()}, layout_of(model.state_dict()))
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    else:
+        model.load_state_dict(arrays.to_torch_state_dict())
     return model
+
+
+def _reply_arrays(msg: Message, model: torch.nn.Module) -> ArrayRecord:
+    """The trained model in the encoding the coordinator sent (packed fp32/fp16 or per tensor)."""
+    received = cast(ArrayRecord, msg.content[R.ARRAYS])
+    state = model.state_dict()
+    if not is_packed(received.keys()):
+        return ArrayRecord(state)
+    transfer = wire_dtype(received.keys(), {k: array_view(v) for k, v in received.items()})
+    packed = pack({k: v.detach().cpu().numpy() for k, v in state.items()}, transfer)
+    return ArrayRecord({k: Array(v) for k, v in packed.items()})
 
 
 def _load(site: SiteContext, context: Context, splits: tuple[str, ...]) -> SiteData:
@@ -348,7 +372,7 @@ def train(msg: Message, context: Context) -> Message:
     (with DP-SGD when the run's privacy mode is ``dp``)."""
     model, values = _train_local(msg, context)
     return Message(
-        RecordDict({R.ARRAYS: ArrayRecord(model.state_dict()), R.METRICS: MetricRecord(values)}),
+        RecordDict({R.ARRAYS: _reply_arrays(msg, model), R.METRICS: MetricRecord(values)}),
         reply_to=msg,
     )
 

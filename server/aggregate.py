@@ -15,7 +15,6 @@ Arrays are duck-typed (``stype``, ``data``, ``numpy()``): nothing here imports F
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import warnings
@@ -25,7 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-NPY_STYPE = "numpy.ndarray"
+from hcc_fl.shared.wire import NPY_STYPE, array_view, npy_view
+
+__all__ = ["NPY_STYPE", "all_finite", "array_view", "mean_and_distances", "npy_header",
+           "npy_view", "sq_distance", "weighted_mean"]
+
 
 
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
@@ -36,46 +39,6 @@ def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
         buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
               "shape": tuple(shape)})
     return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
-    """``(shape, fortran_order, dtype)`` of an ``.npy`` header; cached, since every reply of a
-    round repeats the same few hundred headers and parsing one costs ``ast.literal_eval``."""
-    bio = io.BytesIO(header)
-    version = np.lib.format.read_magic(bio)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(bio)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(bio)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if dtype.hasobject:
-        raise ValueError("object arrays are not accepted")
-    return tuple(shape), bool(fortran), dtype
-
-
-def npy_view(data: bytes) -> np.ndarray:
-    """A read-only view of the array serialised in ``data`` (``np.save`` format), no copy."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not .npy data")
-    major = data[6]
-    if major == 1:
-        end = 10 + int.from_bytes(data[8:10], "little")
-    elif major in (2, 3):
-        end = 12 + int.from_bytes(data[8:12], "little")
-    else:
-        raise ValueError(f"unsupported .npy version {major}")
-    shape, fortran, dtype = _parse_header(bytes(data[:end]))
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end)
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def array_view(arr: Any) -> np.ndarray:
-    """Zero-copy view of a Flower ``Array`` when it holds ``.npy`` bytes, else ``numpy()``."""
-    if getattr(arr, "stype", None) == NPY_STYPE:
-        return npy_view(arr.data)
-    return np.asarray(arr.numpy())
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

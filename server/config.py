@@ -65,6 +65,11 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise ConfigError("task.tabular_rounds and task.tabular_local_epochs must be >= 1 and "
                           "task.resplits >= 0")
     fed = cfg["federation"]
+    from hcc_fl.shared.wire import TRANSFERS
+
+    if fed.get("transfer", "fp32") not in TRANSFERS:
+        raise ConfigError(f"federation.transfer must be one of {', '.join(TRANSFERS)}, got "
+                          f"{fed.get('transfer')!r}")
     for key in ("rounds", "local_epochs", "min_sites"):
         if int(fed[key]) < 1:
             raise ConfigError(f"federation.{key} must be >= 1, got {fed[key]}")

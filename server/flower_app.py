@@ -260,6 +260,7 @@ def pretrain_ssl(
         describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
         training_sites=training,
     )
+    strategy.transfer = str(fed.get("transfer", "fp32"))  # type: ignore[attr-defined]
     stage = {"stage": "ssl"}
     train_config = ConfigRecord({
         **stage, "local-epochs": int(ssl["local_epochs"]), "batch-size": int(ssl["batch_size"]),
@@ -375,6 +376,7 @@ def run_arm(grid_: Grid, context: Context) -> None:
         describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
         training_sites=training,
     )
+    strategy.transfer = str(fed.get("transfer", "fp32"))  # type: ignore[attr-defined]
     strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
     sa = cfg.get("secure_aggregation") or {}
     if sa.get("enabled"):

@@ -52,6 +52,7 @@ from hcc_fl.server.aggregate import (
 )
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
+from hcc_fl.shared.wire import is_packed, layout_of, pack, unpack
 
 log = logging.getLogger("hcc_fl.coordinator")
 CHECKPOINT_VERSION = 1
@@ -125,6 +126,7 @@ class SiteAwareMixin:
     insecure: bool = False
     central: CentralDP | None = None
     secagg: dict[str, Any] | None = None  # SecAggConfig fields except n and threshold
+    transfer: str = "per-tensor"  # how round messages carry the model (shared/wire.py)
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -340,7 +342,9 @@ class SiteAwareMixin:
         cands = self._screen_cheap(server_round, list(replies))
         mean: dict[str, Any] | None = None
         weight_key = self.weighted_by_key  # type: ignore[attr-defined]
-        dtypes = {k: v.dtype for k, v in self._global.items()} if self._global else None
+        # The result keeps the global model's dtypes (float32 when it travelled as float16).
+        dtypes = {k: np.dtype(np.float32) if v.dtype == np.float16 else v.dtype
+                  for k, v in self._global.items()} if self._global else None
         if cands:
             self._check_and_log_replies([m for m, _ in cands], is_train=True)  # type: ignore[attr-defined]
             weights = [self._weight(m, weight_key) for m, _ in cands]
@@ -564,6 +568,23 @@ class SiteAwareMixin:
             central.releases += 1
         return new  # type: ignore[no-any-return]
 
+    # --- the model on the wire ----------------------------------------------------------------
+    def _to_wire(self, arrays: ArrayRecord, transfer: str) -> ArrayRecord:
+        """The record the round's messages carry: packed (fp32 or fp16), or as it is."""
+        if transfer == "per-tensor":
+            return arrays
+        packed = pack({k: array_view(v) for k, v in arrays.items()}, transfer)
+        return ArrayRecord({k: Array(v) for k, v in packed.items()})
+
+    @staticmethod
+    def _from_wire(new: ArrayRecord, template: ArrayRecord) -> ArrayRecord:
+        """A packed aggregate back in the layout of ``template`` (the previous global)."""
+        if not is_packed(new.keys()):
+            return new
+        state = unpack({k: array_view(v) for k, v in new.items()},
+                       layout_of({k: array_view(v) for k, v in template.items()}))
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -574,6 +595,7 @@ class SiteAwareMixin:
         ``on_round_end(round, global_arrays)`` (the checkpoint). Returns the final arrays."""
         central = self.central
         driver: Any = central.wrapper if central is not None else self
+        transfer = self.transfer if self.secagg is None else "per-tensor"
         for rnd in range(first_round, num_rounds + 1):
             if central is not None and central.budget is not None and \
                     central.epsilon(central.releases + 1) > central.budget:
@@ -591,11 +613,14 @@ class SiteAwareMixin:
                 if new is not None:
                     self.aggregated_rounds.append(rnd)
             else:
-                new = self._train_round(grid, driver, rnd, arrays, train_cfg, timeout)
+                new = self._train_round(grid, driver, rnd, self._to_wire(arrays, transfer),
+                                        train_cfg, timeout)
+                if new is not None:
+                    new = self._from_wire(new, arrays)
             if new is not None:
                 arrays = new
-            sent = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)),
-                                                grid))
+            sent = list(self.configure_evaluate(rnd, self._to_wire(arrays, transfer),
+                                                ConfigRecord(dict(evaluate_config)), grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
             self._sent(sent)
             self.aggregate_evaluate(rnd, replies)
