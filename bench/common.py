@@ -66,7 +66,11 @@ def write_result(name: str, rows: list[dict[str, Any]], out: Path | None = None,
     """Write ``<out>/<name>.json`` (default ``bench/results``) and return its path."""
     out = out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": name, "command": "python " + shlex.join(sys.argv),
+    argv = list(sys.argv)
+    root = RESULTS.parent.parent
+    if argv and Path(argv[0]).is_absolute() and Path(argv[0]).is_relative_to(root):
+        argv[0] = str(Path(argv[0]).relative_to(root))
+    result = {"benchmark": name, "command": "python " + shlex.join(argv),
               "machine": machine_info(device),
               "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "rows": rows, **extra}
