@@ -15,13 +15,14 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help
+.PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help bench
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment (TASK: ki67_ceus, tace_ceus, er_ceus)"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
 	@echo "make demo-dp                the demo with local DP-SGD at epsilon 8 per site"
 	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
+	@echo "make bench                  the benchmarks of bench/README.md on CPU (~1 h), then its tables"
 
 $(VENV)/.deps: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,17 @@ demo-dp: install $(DATA)/manifest_index.json
 # A real deployment on 127.0.0.1 (coordinator + 4 site processes, TLS, 2 rounds) to watch.
 deploy-demo: install system-deps $(DATA)/manifest_index.json
 	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2
+
+# The benchmarks (bench/README.md): JSON in bench/results/, then the README tables rebuilt.
+BENCHES ?= aggregation wire overhead scale parity
+bench: install system-deps $(DATA)/manifest_index.json
+	@for b in $(BENCHES); do \
+	  case $$b in \
+	    wire) $(BIN)/python bench/wire.py --auc --data $(DATA) || exit 1 ;; \
+	    *) test -f bench/$$b.py || { echo "bench/$$b.py missing"; exit 1; }; \
+	       $(BIN)/python bench/$$b.py || exit 1 ;; \
+	  esac; done
+	$(BIN)/python bench/table.py
 
 lint: install
 	$(BIN)/ruff check server client shared configs tests bench
