@@ -61,18 +61,15 @@ AUDIT = AuditLog(None, "coordinator")  # replaced by run_arm with the run's audi
 NAMES: dict[int, str] = {}  # node id -> site name, as far as known (for the audit log)
 
 
-def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
-           timeout: float) -> list[Message]:
-    messages = [
-        Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n)
-        for n in node_ids
-    ]
+def _audit_sent(node_ids: list[int], action: str, content: RecordDict) -> None:
     size = payload_bytes(content)
     for n in node_ids:
         AUDIT.record("sent", type=action, peer=NAMES.get(n, f"node-{n}"), bytes=size,
                      metrics=metric_names([*content.config_records.values(),
                                            *content.metric_records.values()]))
-    replies = list(grid_.send_and_receive(messages, timeout=timeout))
+
+
+def _audit_received(replies: list[Message], action: str) -> None:
     for r in replies:
         peer = NAMES.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
         if r.has_error():
@@ -83,20 +80,34 @@ def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
                          metrics=metric_names([*r.content.config_records.values(),
                                                *r.content.metric_records.values()]),
                          decision="accepted")
-    missing = set(node_ids) - {r.metadata.src_node_id for r in replies}
-    for n in sorted(missing):
+
+
+def _audit_missing(node_ids: set[int], action: str, timeout: float) -> None:
+    for n in sorted(node_ids):
         AUDIT.record("timeout", type=action, peer=NAMES.get(n, f"node-{n}"),
                      decision=f"no reply within {timeout:.0f} s")
+
+
+def _messages(node_ids: list[int], action: str, content: RecordDict) -> list[Message]:
+    return [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n)
+            for n in node_ids]
+
+
+def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
+           timeout: float) -> list[Message]:
+    messages = _messages(node_ids, action, content)
+    _audit_sent(node_ids, action, content)
+    replies = list(grid_.send_and_receive(messages, timeout=timeout))
+    _audit_received(replies, action)
+    _audit_missing(set(node_ids) - {r.metadata.src_node_id for r in replies}, action, timeout)
     return replies
 
 
-def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0,
-                   refused: set[int] | None = None) -> dict[int, dict[str, Any]]:
-    """Ask nodes who they are: node id -> {"site", "role", "code-version", counts...}.
-    Nodes that answered with an error are added to ``refused`` (silent ones are not: a busy
-    site that is still reading its data is asked again)."""
+def _site_infos(replies: list[Message], refused: set[int] | None) -> dict[int, dict[str, Any]]:
+    """node id -> site description from ``site_info`` replies; nodes that answered with an
+    error go to ``refused``."""
     known: dict[int, dict[str, Any]] = {}
-    for reply in _query(grid_, node_ids, R.ACTION_SITE_INFO, RecordDict(), timeout=timeout):
+    for reply in replies:
         if reply.has_error():
             log.warning("node %d could not describe itself: %s",
                         reply.metadata.src_node_id, reply.error.reason)
@@ -110,36 +121,78 @@ def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0,
     return known
 
 
+def describe_nodes(grid_: Grid, node_ids: list[int], timeout: float = 60.0,
+                   refused: set[int] | None = None) -> dict[int, dict[str, Any]]:
+    """Ask nodes who they are: node id -> {"site", "role", "code-version", counts...}.
+    Nodes that answered with an error are added to ``refused``."""
+    return _site_infos(_query(grid_, node_ids, R.ACTION_SITE_INFO, RecordDict(),
+                              timeout=timeout), refused)
+
+
+def _some(names: set[str], most: int = 20) -> str:
+    """Sorted names, at most ``most`` of them, then how many more."""
+    shown = sorted(names)
+    more = f" and {len(shown) - most} more" if len(shown) > most else ""
+    return ", ".join(shown[:most]) + more
+
+
 def discover_sites(
-    grid: Grid, training: list[str], external: str | None, timeout_s: float
+    grid: Grid, training: list[str], external: str | None, timeout_s: float,
+    poll_s: float = 1.0,
 ) -> dict[int, dict[str, Any]]:
-    """Ask every connected node who it is until all expected sites answered or time runs out.
+    """Ask every connected node who it is until all expected sites answered, or until
+    ``timeout_s`` seconds pass without a new site answering.
+
+    Every node is asked once, when it is first seen; its answer is collected whenever it comes
+    (a site answers after reading its data, so with many sites on few cores the answers take
+    a while; asking a silent node again would only queue the same work twice). The wait is
+    bounded: it ends ``timeout_s`` after the start or after the last new answer, whichever is
+    later, so a large federation that keeps answering is not cut off while a site that never
+    answers still ends the run.
 
     Returns node id -> {"site", "role", "code-version", "n-train", "n-val", "n-test"}.
 
     Raises
     ------
     FederationError
-        When the expected sites have not all answered within ``timeout_s`` seconds.
+        When the expected sites have not all answered in time.
     """
     expected = set(training) | ({external} if external else set())
     known: dict[int, dict[str, Any]] = {}
-    failed: set[int] = set()  # nodes that answered with an error: not asked again
-    deadline = time.monotonic() + timeout_s
+    failed: set[int] = set()  # nodes that answered with an error
+    asked: set[int] = set()
+    pending: dict[str, int] = {}  # message id -> node id, sent and not yet answered
+    start = last_news = time.monotonic()
     while True:
-        new = [n for n in grid.get_node_ids() if n not in known and n not in failed]
+        new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
-            wait = max(5.0, min(60.0, deadline - time.monotonic()))
-            known.update(describe_nodes(grid, new, timeout=wait, refused=failed))
+            _audit_sent(new, R.ACTION_SITE_INFO, RecordDict())
+            ids = list(grid.push_messages(_messages(new, R.ACTION_SITE_INFO, RecordDict())))
+            pending.update(zip(ids, new, strict=True))
+            asked.update(new)
+        if pending:
+            replies = [r for r in grid.pull_messages(list(pending))
+                       if r.metadata.reply_to_message_id in pending]
+            for r in replies:
+                pending.pop(r.metadata.reply_to_message_id)
+            _audit_received(replies, R.ACTION_SITE_INFO)
+            before = {v["site"] for v in known.values()}
+            known.update(_site_infos(replies, failed))
+            if {v["site"] for v in known.values()} - before:
+                last_news = time.monotonic()
         found = {v["site"] for v in known.values()}
         if expected <= found:
             return known
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > max(start, last_news) + timeout_s:
+            _audit_missing(set(pending.values()), R.ACTION_SITE_INFO, now - start)
+            quiet = "" if last_news == start else \
+                f" without a new site answering ({now - start:.0f} s in all)"
             raise FederationError(
-                f"sites missing after {timeout_s:.0f} s: {', '.join(sorted(expected - found))}"
-                f" (connected: {', '.join(sorted(found)) or 'none'})"
+                f"sites missing after {timeout_s:.0f} s{quiet}: {_some(expected - found)}"
+                f" (connected: {_some(found) or 'none'})"
             )
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 def pooled_validation(
