@@ -88,8 +88,27 @@ def wire(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scale(result: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in result["rows"]:
+        kinds = r.get("at_peak_pss_by_kind_mib") or {}
+        workers = sum(v["pss"] for k, v in kinds.items() if "worker" in k.lower())
+        rounds = r.get("round_s") or []
+        later = rounds[1:] or rounds
+        per_site = sum(later) / len(later) / r["sites"] if later else None
+        rows.append([r["sites"], f"{r['peak_pss_mib']:.0f} MiB ({r['peak_rss_sum_mib']:.0f})",
+                     f"{workers:.0f} MiB", f"{r['first_round_start_s']:.0f} s",
+                     ", ".join(f"{x:.1f}" for x in rounds) + " s",
+                     "-" if per_site is None else f"{per_site:.2f} s",
+                     "/".join(str(x) for x in r.get("train_replies_per_round") or []),
+                     f"{r['wall_s']:.0f} s"])
+    return _table(["sites", "peak PSS of the process tree (RSS sum)", "of which Ray workers",
+                   "round 1 starts at", "round times", "per site, later rounds",
+                   "training replies per round", "wall"], rows)
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "parity": parity, "aggregation": aggregation, "wire": wire}
+    "parity": parity, "aggregation": aggregation, "wire": wire, "scale": scale}
 
 
 def render(name: str) -> list[str]:
