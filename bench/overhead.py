@@ -1,6 +1,6 @@
 """Flower's overhead: the same local training in a plain loop, in simulation and in deployment.
 
-Usage: python bench/overhead.py [--data data/phantom] [--rounds 1 3] [--local-epochs 10]
+Usage: python bench/overhead.py [--data data/phantom] [--rounds 1 3] [--local-epochs 20]
            [--modes plain simulation deployment deployment-cold] [--reps 1]
 
 Task ``ki67_ceus``, tiny profile, the phantom's three training sites, FedAvg:
@@ -229,7 +229,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/phantom")
     p.add_argument("--rounds", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--local-epochs", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=20)
     p.add_argument("--client-cpus", type=int, default=1,
                    help="torch threads per site (the project default, 1)")
     p.add_argument("--modes", nargs="+", default=["plain", "simulation", "deployment",
