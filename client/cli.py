@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def _run_site(args: argparse.Namespace) -> int:
     else:
         argv += ["--root-certificates", str(cfg.ca_certificate),
                  "--auth-supernode-private-key", str(cfg.private_key)]
-    shim = clientapp_shim(home / "bin")
+    from hcc_fl.client.warm import socket_path
+
+    sock = None if args.cold_clientapp else socket_path(home)
+    shim = clientapp_shim(home / "bin", sock)
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
            "HCC_FL_SITE": cfg.site, "HCC_FL_AUDIT": str(audit),
            "HCC_FL_ALLOWED_VERSIONS": ",".join(cfg.allowed_code_versions),
@@ -83,20 +87,45 @@ def _run_site(args: argparse.Namespace) -> int:
                                      f"{cfg.role}, task {cfg.task}")
     print(f"{cfg.site}: audit log {audit}", flush=True)
     sys.stdout.flush()
-    return _supervise(argv, env, cfg.site)
+    launcher = _start_launcher(sock, env) if sock is not None else None
+    try:
+        return _supervise(argv, env, cfg.site)
+    finally:
+        if launcher is not None:
+            _stop_group(launcher)
 
 
-def clientapp_shim(folder: Path) -> Path:
+def clientapp_shim(folder: Path, sock: Path | None = None) -> Path:
     """A ``flwr-clientapp`` for the SuperNode's PATH that runs :mod:`hcc_fl.client.guard`
-    (Flower's ClientApp process with the bundle check in front) with this Python."""
-    import shlex
+    (Flower's ClientApp process with the bundle check in front): forked by the site's warm
+    launcher listening on ``sock`` when given and ready, else started with this Python."""
+    from hcc_fl.client.warm import write_shim
 
-    folder.mkdir(parents=True, exist_ok=True)
-    script = folder / "flwr-clientapp"
-    script.write_text("#!/bin/sh\n# hcc-fl: Flower's ClientApp behind the site's bundle check\n"
-                      f"exec {shlex.quote(sys.executable)} -m hcc_fl.client.guard \"$@\"\n")
-    script.chmod(0o755)
-    return folder
+    return write_shim(folder, sock)
+
+
+def _start_launcher(sock: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the site's warm ClientApp launcher (:mod:`hcc_fl.client.warm`); until it listens
+    on ``sock`` (a few seconds of imports) the shim starts ClientApps cold."""
+    from hcc_fl.shared.procs import die_with_parent
+
+    return subprocess.Popen([sys.executable, "-m", "hcc_fl.client.warm", "--socket", str(sock)],
+                            env=env, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child's process group, SIGKILL after 10 s."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # Flower prints these when the SuperLink refuses a SuperNode (its exit status is just 1).
@@ -167,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "every training message")
     p.add_argument("--state-dir", help="folder for the SuperNode's state (default: next to "
                    "SITE.yaml)")
+    p.add_argument("--cold-clientapp", action="store_true",
+                   help="start every ClientApp process from scratch (Flower's default) instead "
+                   "of forking it from the site's warm launcher")
     p.set_defaults(func=_run_site)
     sub = p.add_subparsers(dest="command", required=False, metavar="COMMAND")
     c = sub.add_parser(

@@ -32,6 +32,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from hcc_fl.client import timing
 from hcc_fl.client.components import (
     SiteScorer,
     deep_model_extras,
@@ -118,6 +119,8 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
     def wrap(fn: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
         @functools.wraps(fn)
         def inner(msg: Message, context: Context) -> Message:
+            timing.note(kind=kind, site=str(context.node_config.get("site", "")))
+            timing.mark("handler-start")
             torch.set_num_threads(max(1, int(_num(context.run_config, "client-threads", 1))))
             audit = _audit(context)
             cfg = msg.content.config_records.get(R.CONFIG)
@@ -152,6 +155,7 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
             audit.record("sent", run=run, round=rnd or None, type=kind, peer="coordinator",
                          bytes=payload_bytes(reply.content), metrics=_names(reply.content),
                          decision="replied")
+            timing.mark("handler-end")
             return reply
 
         return inner
@@ -334,8 +338,10 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
     rc = context.run_config
     cfg = msg.content[R.CONFIG]
     model = _model(msg, context)
+    timing.mark("model-built")
     ssl = _stage(msg) == "ssl"  # self-supervised: the unlabelled train and val patches
     data = _load(site, context, ("train", "val") if ssl else ("train",))
+    timing.mark("data-loaded")
     server_round = int(_num(cfg, "server-round", 0))
     tc = TrainConfig(
         epochs=int(_num(cfg, "local-epochs")),
@@ -356,7 +362,15 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
     else:
         keep = _local_projector(model, context, site) if ssl and int(
             _num(cfg, "projector-local", 0)) else None
-        outcome = train_one_round(model, data, tc)
+        first = [True]
+
+        def on_step(_loss: float) -> None:
+            if first[0]:
+                timing.mark("first-step")
+                first[0] = False
+
+        outcome = train_one_round(model, data, tc, on_step=on_step)
+        timing.mark("trained")
         if keep is not None:
             keep(model)
         values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
@@ -485,7 +499,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if site.role != R.ROLE_TRAIN:
         raise PermissionError(f"site {site.name} is external: per-round validation refused")
     model = _model(msg, context)
+    timing.mark("model-built")
     data = _load(site, context, ("val",))
+    timing.mark("data-loaded")
     if _stage(msg) == "ssl":
         m = ssl_validation(model, data, int(_num(context.run_config, "seed")))
     else:

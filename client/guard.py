@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hcc_fl.client import timing
 from hcc_fl.client.bundle import BundleRefused, check_bundle
 from hcc_fl.shared.audit import AuditLog
 from hcc_fl.shared.version import code_version
@@ -44,21 +45,53 @@ def checked_installer(install: Any, audit: AuditLog) -> Any:
             raise
         audit.record("bundle", decision="accepted",
                      detail=f"sha256 {info.sha256[:16]}, coordinator hcc-fl {info.code_version}")
-        return install(fab_file, *args, **kwargs)
+        out = install(fab_file, *args, **kwargs)
+        timing.mark("bundle-installed")
+        return out
 
     return install_checked
 
 
+def preload() -> None:
+    """Import what a ClientApp process needs (Flower's runtime, the ClientApp with torch) and
+    pay torch's one-off costs, without touching site data or starting threads: the warm
+    launcher (:mod:`hcc_fl.client.warm`) calls this once and forks a process per message."""
+    import torch
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+    import hcc_fl.client.flower_app  # noqa: F401  (the module the bundle's component names)
+
+    rng = torch.get_rng_state()
+    # an optimizer's first construction imports torch._dynamo (1.5-3 s on our machines)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    torch.set_rng_state(rng)  # a message's process starts from torch's default generator
+
+
 def main() -> None:
     """Entry point used in place of ``flwr-clientapp`` at a site."""
+    timing.mark("python-ready")
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
+    timing.mark("flwr-imported")
     audit = AuditLog(os.environ.get("HCC_FL_AUDIT") or None,
                      os.environ.get("HCC_FL_SITE", "site"))
     runtime.install_from_fab = checked_installer(  # type: ignore[attr-defined]
         runtime.install_from_fab, audit)
-    flwr_clientapp()
+    if timing.enabled():
+        pull = runtime.pull_task_input
+
+        def timed_pull(*args: Any, **kwargs: Any) -> Any:
+            out = pull(*args, **kwargs)
+            timing.mark("task-pulled")
+            return out
+
+        runtime.pull_task_input = timed_pull
+    try:
+        flwr_clientapp()
+    finally:
+        timing.write()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
 from hcc_fl.shared.models.cecmm import CECMM, PROFILES, CecmmConfig
 from hcc_fl.shared.models.er import ER_PROFILES, ErConfig, SharedResNet2D
-from hcc_fl.shared.models.phcc import PHCC_PROFILES, BarlowTwinsModel, PhccClassifier
-from hcc_fl.shared.models.siamese import SIAMESE_PROFILES, SiameseUNet
 
 __all__ = ["CECMM", "CecmmConfig", "ErConfig", "PhccClassifier", "SharedResNet2D",
            "SiameseUNet", "build_model", "build_ssl_model", "input_shape"]
+
+
+def __getattr__(name: str) -> Any:
+    """``PhccClassifier`` and ``SiameseUNet`` on first use: their modules subclass or import
+    MONAI, whose import takes seconds, and a site's ClientApp process (one per message in
+    deployment) that trains another task's model should not pay for it."""
+    if name == "PhccClassifier":
+        from hcc_fl.shared.models.phcc import PhccClassifier
+
+        return PhccClassifier
+    if name == "SiameseUNet":
+        from hcc_fl.shared.models.siamese import SiameseUNet
+
+        return SiameseUNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _TRAINABLE = ("ki67_ceus", "tace_ceus", "er_ceus", "phcc_mri", "aclf_us")
 
@@ -43,8 +57,12 @@ def build_model(task: str, profile: str) -> nn.Module:
     if task == "er_ceus":
         return SharedResNet2D(ER_PROFILES[profile])
     if task == "aclf_us":
+        from hcc_fl.shared.models.siamese import SIAMESE_PROFILES, SiameseUNet
+
         return SiameseUNet(SIAMESE_PROFILES[profile])
     if task == "phcc_mri":
+        from hcc_fl.shared.models.phcc import PHCC_PROFILES, PhccClassifier
+
         return PhccClassifier(PHCC_PROFILES[profile])
     raise KeyError(f"task '{task}' has no model in this release; trainable: "
                    f"{', '.join(_TRAINABLE)}")
@@ -55,6 +73,8 @@ def build_ssl_model(task: str, profile: str) -> nn.Module:
     classifier's encoder; its ``encoder`` state loads into ``build_model``'s ``encoder``)."""
     _check_profile(profile)
     if task == "phcc_mri":
+        from hcc_fl.shared.models.phcc import PHCC_PROFILES, BarlowTwinsModel
+
         return BarlowTwinsModel(PHCC_PROFILES[profile])
     raise KeyError(f"task '{task}' has no self-supervised stage")
 
@@ -68,7 +88,11 @@ def input_shape(task: str, profile: str) -> tuple[int, int]:
     if task == "er_ceus":
         return 0, ER_PROFILES[profile].size
     if task == "aclf_us":
+        from hcc_fl.shared.models.siamese import SIAMESE_PROFILES
+
         return 0, SIAMESE_PROFILES[profile].size
     if task == "phcc_mri":
+        from hcc_fl.shared.models.phcc import PHCC_PROFILES
+
         return 0, PHCC_PROFILES[profile].size
     raise KeyError(f"task '{task}' has no model in this release")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from monai.networks.nets import ResNet, resnet50
 from torch import Tensor, nn
 
 IMAGES = ("bmode", "ceus_ap", "ceus_pp")
@@ -63,6 +62,8 @@ class SharedResNet2D(nn.Module):
     """
 
     def __init__(self, cfg: ErConfig) -> None:
+        from monai.networks.nets import ResNet, resnet50  # here: monai costs seconds to import
+
         super().__init__()
         self.cfg = cfg
         if cfg.resnet50:
