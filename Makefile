@@ -58,6 +58,8 @@ bench: install system-deps $(DATA)/manifest_index.json
 	@for b in $(BENCHES); do \
 	  case $$b in \
 	    wire) $(BIN)/python bench/wire.py --auc --data $(DATA) || exit 1 ;; \
+	    overhead) $(BIN)/python bench/overhead.py --data $(DATA) --rounds 1 3 \
+	      --modes plain simulation deployment || exit 1 ;; \
 	    *) test -f bench/$$b.py || { echo "bench/$$b.py missing"; exit 1; }; \
 	       $(BIN)/python bench/$$b.py || exit 1 ;; \
 	  esac; done

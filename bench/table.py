@@ -88,6 +88,27 @@ def wire(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def overhead(result: dict[str, Any]) -> list[str]:
+    rows = result["rows"]
+    plain = next((r for r in rows if r["mode"] == "plain"), None)
+    out = []
+    for r in rows:
+        extra = (r["wall_R1_s"] - plain["wall_R1_s"]) if plain else None
+        out.append([r["mode"], r["local_epochs"], f"{r['wall_R1_s']:.1f} s",
+                    "-" if extra is None or r is plain else f"{extra:+.1f} s",
+                    f"{r['wall_R3_s']:.1f} s"])
+    lines = _table(["mode", "local epochs", "wall, 1 round", "extra over plain, 1 round",
+                    "wall, 3 rounds (disturbed, see text)"], out)
+    bd = (result.get("deployment_breakdown") or {})
+    warm, cold = bd.get("deployment") or {}, bd.get("deployment-cold") or {}
+    if warm and cold:
+        lines += ["", "Seconds per ClientApp process in deployment (median; Flower's cold start "
+                  "-> hcc-fl's warm launcher): " + ", ".join(
+                      f"{k} {cold[k]['total_s']:.1f} -> {warm[k]['total_s']:.1f}"
+                      for k in warm if k in cold) + "."]
+    return lines
+
+
 def scale(result: dict[str, Any]) -> list[str]:
     rows = []
     for r in result["rows"]:
@@ -108,7 +129,8 @@ def scale(result: dict[str, Any]) -> list[str]:
 
 
 FORMATS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "parity": parity, "aggregation": aggregation, "wire": wire, "scale": scale}
+    "parity": parity, "aggregation": aggregation, "wire": wire, "scale": scale,
+    "overhead": overhead}
 
 
 def render(name: str) -> list[str]:
