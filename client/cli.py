@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.logs import run_cli
+from hcc_fl.shared.procs import stop_group
 from hcc_fl.shared.tasks import TASKS, get_task
 
 
@@ -92,7 +93,7 @@ def _run_site(args: argparse.Namespace) -> int:
         return _supervise(argv, env, cfg.site)
     finally:
         if launcher is not None:
-            _stop_group(launcher)
+            stop_group(launcher)
 
 
 def clientapp_shim(folder: Path, sock: Path | None = None) -> Path:
@@ -111,21 +112,6 @@ def _start_launcher(sock: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
     return subprocess.Popen([sys.executable, "-m", "hcc_fl.client.warm", "--socket", str(sock)],
                             env=env, start_new_session=True, preexec_fn=die_with_parent)
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a child's process group, SIGKILL after 10 s."""
-    import os
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 # Flower prints these when the SuperLink refuses a SuperNode (its exit status is just 1).

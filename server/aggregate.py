@@ -71,6 +71,16 @@ def all_finite(update: Mapping[str, np.ndarray]) -> bool:
                if np.issubdtype(v.dtype, np.floating))
 
 
+def _factors(updates: Sequence[Any], weights: Sequence[float]) -> list[float]:
+    """The normalised weights, checked: one per update, summing to a positive number."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need one weight per update and at least one update")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError("weights must sum to a positive number")
+    return [float(w) / total for w in weights]
+
+
 def mean_and_distances(
     updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
     reference: Mapping[str, np.ndarray] | None, dtypes: Mapping[str, np.dtype[Any]] | None = None,
@@ -85,12 +95,7 @@ def mean_and_distances(
     memory traffic is one read of every update plus one read of the reference and one write of
     the result. The caller screens with the distances and, only if it rejects an update,
     recomputes the mean of the rest with :func:`weighted_mean`."""
-    if not updates or len(updates) != len(weights):
-        raise ValueError("need one weight per update and at least one update")
-    total = float(sum(weights))
-    if not total > 0:
-        raise ValueError("weights must sum to a positive number")
-    factors = [float(w) / total for w in weights]
+    factors = _factors(updates, weights)
     sq = [0.0] * len(updates)
     out: dict[str, tuple[np.dtype[Any], tuple[int, ...], bytes]] = {}
     scratch: dict[torch.dtype, torch.Tensor] = {}
@@ -149,12 +154,7 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     itself, in the order given (fixed order: the result is reproducible); the output dtype is
     ``dtypes[key]`` when given (the global model's), else the accumulator's. Other dtypes
     (integer counters) give the float64 weighted mean, as Flower's aggregation does."""
-    if not updates or len(updates) != len(weights):
-        raise ValueError("need one weight per update and at least one update")
-    total = float(sum(weights))
-    if not total > 0:
-        raise ValueError("weights must sum to a positive number")
-    factors = [float(w) / total for w in weights]
+    factors = _factors(updates, weights)
     out: dict[str, tuple[np.dtype[Any], tuple[int, ...], bytes]] = {}
     for key, first in updates[0].items():
         views = [first, *(u[key] for u in updates[1:])]

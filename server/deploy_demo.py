@@ -8,11 +8,8 @@ external-site results with ``hcc-fl simulate`` of the same configuration.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hcc_fl.server.flower_runtime import free_port
+from hcc_fl.shared.procs import stop_group
 
 COMPARED = ("auc", "threshold", "sensitivity", "specificity")
 
@@ -27,18 +25,6 @@ COMPARED = ("auc", "threshold", "sensitivity", "specificity")
 def _script(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def run_deploy_demo(data_root: Path, runs_dir: Path, name: str, rounds: int,
@@ -93,7 +79,7 @@ def run_deploy_demo(data_root: Path, runs_dir: Path, name: str, rounds: int,
         rc = server.wait()
     finally:
         for proc in [*clients.values(), server]:
-            _stop(proc)
+            stop_group(proc, 30.0)
         server_log.close()
     run = runs_dir / name
     if rc != 0 or not (run / "metrics.json").is_file():
