@@ -27,6 +27,7 @@ import argparse
 import array
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -35,6 +36,7 @@ import struct
 import sys
 from pathlib import Path
 
+log = logging.getLogger("hcc_fl.site.warm")
 SOCKET_NAME = "clientapp.sock"
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
@@ -129,7 +131,7 @@ def serve(sock_path: Path) -> None:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     waiting: dict[int, socket.socket] = {}  # child pid -> the shim waiting for its status
-    print(f"hcc-fl: warm ClientApp launcher ready ({sock_path.name})", flush=True)
+    log.info("warm ClientApp launcher ready (%s)", sock_path.name)
     try:
         while not stop[0]:
             ready: list[int] = []
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m hcc_fl.client.warm", description=__doc__)
     p.add_argument("--socket", required=True, help="Unix socket path (in the site's state)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="hcc-fl: %(message)s")
     serve(Path(args.socket))
 
 
