@@ -31,15 +31,16 @@ from hcc_fl.client.statistics import (
     external_report,
     pooled_validation,
     pooled_validation_probs,
+    recalibrated_report,
 )
-from hcc_fl.client.train import TrainConfig, train_one_round
+from hcc_fl.client.train import TrainConfig, predict, train_one_round
 from hcc_fl.shared.components import (
     TaskComponents,
     fit_components,
     main_models,
     selection_summary,
 )
-from hcc_fl.shared.evaluation import threshold_splits
+from hcc_fl.shared.evaluation import recalibration_of, threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
 
@@ -74,6 +75,7 @@ def run_baselines(
     device = cfg["device"]
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
     thr_splits = threshold_splits(cfg["evaluation"]["threshold_split"])
+    recalibrate = bool(cfg["evaluation"].get("recalibration", True))
     epochs = int(fed["rounds"]) * int(fed["local_epochs"])
     sites = list(fed["training_sites"])
 
@@ -128,12 +130,16 @@ def run_baselines(
         seconds = time.monotonic() - t0
         try:
             threshold, validation = pooled_validation(
-                model, {s: thr_data[s] for s in members}, grid, device)
+                model, {s: thr_data[s] for s in members}, grid, device, recalibrate)
         except ValueError:
             log.warning("%s: threshold split has one class; using train+val predictions", name)
             both = {s: load_site(manifest(s), task, profile, ("train", "val")) for s in members}
-            threshold, validation = pooled_validation(model, both, grid, device)
+            threshold, validation = pooled_validation(model, both, grid, device, recalibrate)
         stats = external_report(model, ext, threshold, ext.survival, device)
+        fit = recalibration_of(validation)
+        if fit is not None:
+            stats["recalibrated"] = recalibrated_report(
+                ext.label.numpy().astype(np.float64), predict(model, ext, device), threshold, fit)
         stats.update(deep_model_extras(model, ext, device))
         result = BaselineResult(
             name, stats, threshold, validation, history,
@@ -193,12 +199,12 @@ def _components(result: BaselineResult, model: torch.nn.Module, comps: TaskCompo
         try:
             thresholds[name], result.component_validation[name] = pooled_validation_probs(
                 {sc.manifest.parent.name: (sc.labels(splits), sc.probs(name, splits))
-                 for sc in scorers}, grid)
+                 for sc in scorers}, grid, recalibrate=False)
         except ValueError:
             both = ("train", "val")
             thresholds[name], result.component_validation[name] = pooled_validation_probs(
                 {sc.manifest.parent.name: (sc.labels(both), sc.probs(name, both))
-                 for sc in scorers}, grid)
+                 for sc in scorers}, grid, recalibrate=False)
     ext_scorer = SiteScorer(manifest(cfg["federation"]["external_site"]), task, profile, comps,
                             model, states, seed=seed, device=device)
     result.external.update(external_components(ext_scorer, thresholds, ext.survival))

@@ -23,6 +23,7 @@ from hcc_fl.client.statistics import (
     NB_THRESHOLDS,
     external_comparisons,
     external_report_prob,
+    recalibrated_report,
 )
 from hcc_fl.client.train import predict
 from hcc_fl.shared.components import (
@@ -35,6 +36,7 @@ from hcc_fl.shared.components import (
     stack_matrix,
 )
 from hcc_fl.shared.metrics import auc_ci
+from hcc_fl.shared.metrics.recalibration import Recalibration
 from hcc_fl.shared.tabular import (
     Penalty,
     feature_sums,
@@ -226,15 +228,22 @@ def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
 
 
 def external_components(scorer: SiteScorer, thresholds: dict[str, float],
-                        survival: dict[str, tuple[F64, F64]] | None) -> dict[str, Any]:
+                        survival: dict[str, tuple[F64, F64]] | None,
+                        recalibrations: dict[str, Recalibration] | None = None
+                        ) -> dict[str, Any]:
     """The external site's statistics of every component: a full report each (at the
-    component's training threshold), paired DeLong tests between the components, and the AUC
-    of every re-split model (robustness)."""
+    component's training threshold; with a ``recalibrations`` entry also the recalibrated
+    probabilities' calibration and decision curve), paired DeLong tests between the components,
+    and the AUC of every re-split model (robustness)."""
     test = ("test",)
     y = scorer.labels(test)
     probs = {name: scorer.probs(name, test) for name in thresholds}
     reports = {name: external_report_prob(y, p, thresholds[name], survival)
                for name, p in probs.items()}
+    for name, fit in (recalibrations or {}).items():
+        if name in reports:
+            reports[name]["recalibrated"] = recalibrated_report(y, probs[name], thresholds[name],
+                                                                fit)
     resplit: dict[str, list[float | None]] = {}
     for k in scorer.bundle:
         name, r = split_key(k)

@@ -58,6 +58,7 @@ from hcc_fl.client.secagg import (
     site_unmask,
 )
 from hcc_fl.client.statistics import (
+    recalibration_sums,
     validation_placements_prob,
     validation_sums_prob,
 )
@@ -68,6 +69,7 @@ from hcc_fl.shared.components import TabularState, TaskComponents
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
+from hcc_fl.shared.metrics.recalibration import Recalibration
 from hcc_fl.shared.models import build_model, build_ssl_model
 from hcc_fl.shared.version import code_version
 from hcc_fl.shared.wire import array_view, is_packed, layout_of, pack, unpack, wire_dtype
@@ -553,6 +555,25 @@ def validation_pass2(msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.METRICS: MetricRecord({"sums": vec.tolist()})}), reply_to=msg)
 
 
+@app.query(R.ACTION_RECALIBRATION)
+@_guarded("recalibration-sums")
+def recalibration_step(msg: Message, context: Context) -> Message:
+    """One Newton step of the federated recalibration: the site's count, score, information and
+    log-likelihood of ``y ~ intercept + slope * logit(p)`` at the coordinator's point, on the
+    same rows as the pooled validation (7 numbers)."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: its data never sets calibration")
+    cfg = msg.content[R.CONFIG]
+    coef = (_num(cfg, R.RECAL_INTERCEPT), _num(cfg, R.RECAL_SLOPE))
+    if not all(math.isfinite(c) and abs(c) <= 1e6 for c in coef):
+        raise ValueError("recalibration point out of range")
+    rc = context.run_config
+    y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
+    return Message(RecordDict({R.METRICS: MetricRecord(
+        {"sums": recalibration_sums(y, prob, coef)})}), reply_to=msg)
+
+
 @app.query(R.ACTION_EXTERNAL)
 @_guarded("external-eval")
 def external_eval(msg: Message, context: Context) -> Message:
@@ -564,8 +585,10 @@ def external_eval(msg: Message, context: Context) -> Message:
     scorer = _scorer(msg, context, site)
     thresholds = (json.loads(str(cfg["thresholds"])) if "thresholds" in cfg
                   else {scorer.components.deep: _num(cfg, "threshold")})
+    recalibrations = ({scorer.components.deep: Recalibration.from_dict(
+        json.loads(str(cfg[R.RECALIBRATION])))} if R.RECALIBRATION in cfg else None)
     data = _load(site, context, ("test",))
-    out = external_components(scorer, thresholds, data.survival)
+    out = external_components(scorer, thresholds, data.survival, recalibrations)
     report = dict(out["components"][scorer.components.deep])
     if len(thresholds) > 1 or out["resplit_auc"]:
         report.update(out)

@@ -30,6 +30,7 @@ from hcc_fl.shared.metrics.pooled import (
     site_histograms,
     site_placement_sums,
 )
+from hcc_fl.shared.metrics.recalibration import Recalibration, site_recalibration_sums
 
 F64 = npt.NDArray[np.float64]
 NB_THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.05, 0.96, 0.05))
@@ -135,22 +136,7 @@ def external_report_prob(
         out[f"{k}_ci"] = [_finite(lo), _finite(hi)] if _finite(lo) is not None else None
     out.update(tp=bm.tp, fp=bm.fp, tn=bm.tn, fn=bm.fn)
     if both:
-        cal = calibration(y, prob)
-        cal_block: dict[str, Any] = {
-            "slope": cal.slope, "intercept_in_the_large": cal.intercept_in_the_large,
-            "brier": cal.brier, "scaled_brier": cal.scaled_brier,
-            "bins": [list(b) for b in cal.bins],
-        }
-        try:
-            hl = hosmer_lemeshow(y, prob, groups=min(10, max(3, len(y) // 5)))
-            cal_block["hosmer_lemeshow"] = {"statistic": hl.statistic, "df": hl.df,
-                                            "p_value": hl.p_value}
-        except ValueError:
-            cal_block["hosmer_lemeshow"] = None
-        out["calibration"] = cal_block
-        nb = net_benefit(y, prob, NB_THRESHOLDS)
-        out["net_benefit"] = {"thresholds": list(nb.thresholds), "model": list(nb.model),
-                              "treat_all": list(nb.treat_all)}
+        out.update(_calibration_blocks(y, prob))
         out["roc"] = _roc_points(y, prob)
     high = prob >= threshold
     out["survival"] = {}
@@ -162,6 +148,49 @@ def external_report_prob(
                          high=_km_steps(t[high], e[high]), low=_km_steps(t[~high], e[~high]))
         out["survival"][name] = block
     return out
+
+
+def _calibration_blocks(y: F64, prob: F64) -> dict[str, Any]:
+    """Calibration (slope, calibration-in-the-large, Brier, bins, Hosmer-Lemeshow) and the
+    decision curve of probabilities ``prob`` (both classes present)."""
+    cal = calibration(y, prob)
+    cal_block: dict[str, Any] = {
+        "slope": cal.slope, "intercept_in_the_large": cal.intercept_in_the_large,
+        "brier": cal.brier, "scaled_brier": cal.scaled_brier,
+        "bins": [list(b) for b in cal.bins],
+    }
+    try:
+        hl = hosmer_lemeshow(y, prob, groups=min(10, max(3, len(y) // 5)))
+        cal_block["hosmer_lemeshow"] = {"statistic": hl.statistic, "df": hl.df,
+                                        "p_value": hl.p_value}
+    except ValueError:
+        cal_block["hosmer_lemeshow"] = None
+    nb = net_benefit(y, prob, NB_THRESHOLDS)
+    return {"calibration": cal_block,
+            "net_benefit": {"thresholds": list(nb.thresholds), "model": list(nb.model),
+                            "treat_all": list(nb.treat_all)}}
+
+
+def recalibrated_report(y: F64, prob: F64, threshold: float, fit: Recalibration
+                        ) -> dict[str, Any]:
+    """What recalibration changes, on the external patients: the recalibrated probabilities'
+    calibration, Brier score, log loss and decision curve, and the training threshold mapped
+    onto the new scale. The ranks are unchanged (``fit.slope > 0``), so the AUC (repeated here as
+    the check) and the patients above the threshold are the same as without recalibration."""
+    q = fit.apply(prob)
+    out: dict[str, Any] = {"recalibration": fit.as_dict(),
+                           "threshold": float(fit.apply(np.array([threshold]))[0]),
+                           "loss": bce_loss(q, y), "auc": None}
+    if 0 < y.sum() < len(y):
+        out["auc"] = auc_ci(y, q).auc
+        out.update(_calibration_blocks(y, q))
+    return out
+
+
+def recalibration_sums(y: F64, prob: F64, coef: tuple[float, float]) -> list[float]:
+    """A training site's recalibration sums at ``coef`` (count, score, information,
+    log-likelihood: 7 numbers, no patient-level value)."""
+    return [float(v) for v in site_recalibration_sums(y, prob, coef)]
 
 
 def external_comparisons(
@@ -181,21 +210,29 @@ def external_comparisons(
 
 
 def pooled_validation(
-    model: nn.Module, parts: dict[str, SiteData], grid: ScoreGrid, device: str = "cpu"
+    model: nn.Module, parts: dict[str, SiteData], grid: ScoreGrid, device: str = "cpu",
+    recalibrate: bool = True,
 ) -> tuple[float, dict[str, Any]]:
-    """The federated two-pass validation run in one process (for the baselines): the same site
-    sums, combined by the same coordinator code as under Flower."""
+    """The federated two-pass validation (and recalibration) run in one process (for the
+    baselines): the same site sums, combined by the same coordinator code as under Flower."""
     return pooled_validation_probs(
         {s: (d.label.numpy().astype(np.float64), predict(model, d, device))
-         for s, d in parts.items()}, grid)
+         for s, d in parts.items()}, grid, recalibrate)
 
 
-def pooled_validation_probs(parts: dict[str, tuple[F64, F64]], grid: ScoreGrid
-                            ) -> tuple[float, dict[str, Any]]:
-    """:func:`pooled_validation` of given (labels, probabilities) per site."""
-    from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
+def pooled_validation_probs(parts: dict[str, tuple[F64, F64]], grid: ScoreGrid,
+                            recalibrate: bool = True) -> tuple[float, dict[str, Any]]:
+    """:func:`pooled_validation` of given (labels, probabilities) per site, with the federated
+    recalibration (``pooled.recalibration`` of the block) unless ``recalibrate`` is False."""
+    from hcc_fl.shared.evaluation import combine_pass1, finish_pass2, recalibrate_pooled
 
     pass1 = {s: validation_sums_prob(y, p, grid) for s, (y, p) in parts.items()}
     threshold, hist, block = combine_pass1(pass1, grid)
     vectors = [validation_placements_prob(y, p, hist, grid) for y, p in parts.values()]
-    return threshold, finish_pass2(block, vectors)
+    block = finish_pass2(block, vectors)
+    if recalibrate:
+        recalibrate_pooled(
+            block, lambda coef: {s: np.asarray(recalibration_sums(y, p, coef))
+                                 for s, (y, p) in parts.items()},
+            {s: int(v["n"]) for s, v in pass1.items()})
+    return threshold, block

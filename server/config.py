@@ -94,6 +94,9 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise ConfigError("strategy.arms: each strategy may appear once")
     if cfg["evaluation"]["threshold_split"] not in ("val", "train", "all"):
         raise ConfigError("evaluation.threshold_split must be val, train or all")
+    if not isinstance(cfg["evaluation"].get("recalibration", True), bool):
+        raise ConfigError("evaluation.recalibration must be true or false, got "
+                          f"{cfg['evaluation']['recalibration']!r}")
     from hcc_fl.client.privacy import PrivacyConfig, PrivacyError, check_dp_loss
 
     try:

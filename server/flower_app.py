@@ -43,7 +43,12 @@ from hcc_fl.shared.components import (
     main_models,
     selection_summary,
 )
-from hcc_fl.shared.evaluation import combine_pass1, finish_pass2
+from hcc_fl.shared.evaluation import (
+    combine_pass1,
+    finish_pass2,
+    recalibrate_pooled,
+    recalibration_of,
+)
 from hcc_fl.shared.jsonio import write_json
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
@@ -198,11 +203,15 @@ def discover_sites(
 def pooled_validation(
     grid_: Grid, train_nodes: list[int], names: dict[int, str], final: ArrayRecord,
     grid: ScoreGrid, timeout: float, component: dict[str, str] | None = None,
+    recalibrate: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     """Two passes of summed sufficient statistics over the training sites' validation split.
 
     Pass 1 (histograms, calibration sums) gives the Youden threshold and calibration; pass 2
     (placement sums against the broadcast pooled histograms) gives the AUC with its DeLong CI.
+    With ``recalibrate``, Newton rounds of recalibration sums (``recalibration_sums``, usually
+    two or three messages, started from the fit on the pooled histograms) give the logistic
+    recalibration (``validation["pooled"]["recalibration"]``).
     ``component`` (config entries ``component``, ``components``, ``bundle``) selects another
     component of the task than the deep model.
     """
@@ -238,6 +247,27 @@ def pooled_validation(
         vectors.append(np.asarray(reply.content[R.METRICS]["sums"], dtype=np.float64))
     if vectors:
         validation = finish_pass2(validation, vectors)
+    if recalibrate:
+        counts = {site: int(v["n"]) for site, v in pass1.items()}
+        by_name = {names[n]: n for n in responders}
+
+        def ask(coef: tuple[float, float]) -> dict[str, Any]:
+            cfg = ConfigRecord({**(component or {}), R.RECAL_INTERCEPT: coef[0],
+                                R.RECAL_SLOPE: coef[1]})
+            out: dict[str, Any] = {}
+            replies = _query(grid_, list(by_name.values()), R.ACTION_RECALIBRATION,
+                             RecordDict({R.ARRAYS: final, R.CONFIG: cfg}), timeout)
+            for reply in replies:
+                site = names.get(reply.metadata.src_node_id, "?")
+                if reply.has_error():
+                    raise ValueError(f"{site} failed: {reply.error.reason}")
+                out[site] = reply.content[R.METRICS]["sums"]
+            return out
+
+        fit = recalibrate_pooled(validation, ask, counts)
+        entry = validation["pooled"]["recalibration"]
+        AUDIT.record("recalibration", decision="applied" if fit else "not applied",
+                     detail=entry.get("reason", f"{entry.get('iterations')} evaluations"))
     return threshold, validation
 
 
@@ -280,12 +310,14 @@ def secure_pooled_validation(
 
 def external_evaluation(
     grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float,
-    components: dict[str, str] | None = None,
+    components: dict[str, str] | None = None, recalibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ask the external site for its aggregate statistics of the final model (and, with
-    ``components``: ``thresholds``, ``components``, ``bundle``, of every component)."""
+    ``components``: ``thresholds``, ``components``, ``bundle``, of every component; with
+    ``recalibration``, also of the deep model's recalibrated probabilities)."""
+    extra = {R.RECALIBRATION: json.dumps(recalibration)} if recalibration else {}
     content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(
-        {"threshold": threshold, **(components or {})})})
+        {"threshold": threshold, **(components or {}), **extra})})
     reply = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)[0]
     if reply.has_error():
         raise FederationError(f"external evaluation failed: {reply.error.reason}")
@@ -505,8 +537,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
         threshold, validation = secure_pooled_validation(
             strategy, grid_, train_nodes, final, grid, bound, int(fed["rounds"]) + 1, timeout)
     else:
-        threshold, validation = pooled_validation(grid_, train_nodes, names, final, grid,
-                                                  timeout)
+        threshold, validation = pooled_validation(
+            grid_, train_nodes, names, final, grid, timeout,
+            recalibrate=bool(cfg["evaluation"].get("recalibration", True)))
     comps = TaskComponents.from_task_config(cfg["task"])
     states: dict[str, TabularState] = {}
     thresholds = {comps.deep: threshold}
@@ -526,8 +559,11 @@ def run_arm(grid_: Grid, context: Context) -> None:
                 {"component": name, "components": comps_json, "bundle": main_bundle})
         extra = {"thresholds": json.dumps(thresholds), "components": comps_json,
                  "bundle": json.dumps({k: st.to_bundle() for k, st in states.items()})}
+    fit = (recalibration_of(validation)
+           if cfg["evaluation"].get("recalibration", True) else None)
     external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout,
-                                          extra) if ext_nodes else None)
+                                          extra, fit.as_dict() if fit else None)
+                      if ext_nodes else None)
 
     torch.save(model.state_dict(), arm_dir / "model.pt")
     write_json(arm_dir / "result.json", {

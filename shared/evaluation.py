@@ -2,11 +2,15 @@
 
 Pass 1 sums (class-wise histograms, calibration sums) give the pooled Youden threshold, the
 pooled calibration curve and Brier score; pass 2 placement sums give the pooled AUC with its
-DeLong CI. Used identically by the ServerApp and by the in-process baselines.
+DeLong CI; the recalibration rounds give the logistic recalibration of the model
+(:mod:`hcc_fl.shared.metrics.recalibration`), started from the fit on the pooled histograms.
+Used identically by the ServerApp and by the in-process baselines.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +23,14 @@ from hcc_fl.shared.metrics.pooled import (
     pooled_calibration,
     youden_from_histograms,
 )
+from hcc_fl.shared.metrics.recalibration import (
+    Recalibration,
+    binned_recalibration,
+    check_sums,
+    fit_recalibration,
+)
+
+log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 
@@ -43,7 +55,7 @@ def combine_pass1(
     cal_sums = sum(np.asarray(v["calibration"], dtype=np.float64).reshape(-1, 3)
                    for v in per_site.values())
     cal = pooled_calibration(np.asarray(cal_sums))
-    block = {
+    block: dict[str, Any] = {
         "per_site": {
             site: {k: v.get(k) for k in ("auc", "auc_ci", "n", "n_pos", "loss")}
             for site, v in sorted(per_site.items())
@@ -54,6 +66,11 @@ def combine_pass1(
             "calibration_bins": [list(b) for b in cal.bins], "grid_bins": grid.n_bins,
         },
     }
+    try:
+        binned = binned_recalibration(pos, neg, grid.edges)
+        block["pooled"]["recalibration"] = {**binned.as_dict(), "applied": binned.usable()}
+    except ValueError as exc:
+        block["pooled"]["recalibration"] = {"applied": False, "reason": str(exc)}
     return threshold, (pos, neg), block
 
 
@@ -67,3 +84,62 @@ def finish_pass2(block: dict[str, Any], placement_vectors: list[F64]) -> dict[st
     except ValueError:
         block["pooled"].update(auc=None, auc_ci=None)
     return block
+
+
+def recalibration_of(block: dict[str, Any]) -> Recalibration | None:
+    """The usable recalibration recorded in a validation block (``pooled.recalibration``), or
+    None (not fitted, not converged, or not rank-preserving)."""
+    entry = (block.get("pooled") or {}).get("recalibration") or {}
+    if not entry.get("applied"):
+        return None
+    fit = Recalibration.from_dict(entry)
+    return fit if fit.usable() else None
+
+
+def recalibrate_pooled(
+    block: dict[str, Any],
+    ask: Callable[[tuple[float, float]], dict[str, Any]],
+    counts: dict[str, int],
+    max_evaluations: int = 25,
+) -> Recalibration | None:
+    """The exact federated recalibration: Newton steps on the sites' summed recalibration sums,
+    started from the binned fit in ``block`` (see :func:`combine_pass1`).
+
+    ``ask(coef)`` returns each site's sums vector at ``coef`` (site name -> vector); every site of
+    ``counts`` (site -> patients declared in pass 1) must answer every step with a count equal to
+    its declared one, else the fit stops and the binned fit stays in ``block`` with the reason.
+    Returns the recalibration to apply, or None.
+    """
+    entry = block["pooled"].get("recalibration") or {}
+    start = ((float(entry["intercept"]), float(entry["slope"]))
+             if entry.get("converged") else (0.0, 1.0))
+
+    def summed(coef: tuple[float, float]) -> F64:
+        replies = ask(coef)
+        missing = sorted(set(counts) - set(replies))
+        if missing:
+            raise ValueError(f"no recalibration sums from {', '.join(missing)}")
+        vectors = []
+        for site, vec in sorted(replies.items()):
+            if site not in counts:
+                raise ValueError(f"recalibration sums from {site}, which is not in the fit")
+            try:
+                vectors.append(check_sums(vec, counts[site]))
+            except ValueError as exc:
+                raise ValueError(f"{site}: {exc}") from None
+        return np.sum(np.stack(vectors), axis=0)
+
+    try:
+        fit = fit_recalibration(summed, start, max_evaluations=max_evaluations)
+    except ValueError as exc:
+        log.warning("federated recalibration stopped: %s", exc)
+        block["pooled"]["recalibration"] = {**entry, "applied": False,
+                                            "reason": f"federated fit stopped: {exc}"}
+        return None
+    out: dict[str, Any] = {**fit.as_dict(), "applied": fit.usable()}
+    if not fit.converged:
+        out["reason"] = "did not converge (the outcome may be separated by the score)"
+    elif fit.slope <= 0:
+        out["reason"] = "slope <= 0: recalibration would invert the ranking"
+    block["pooled"]["recalibration"] = out
+    return fit if fit.usable() else None

@@ -15,6 +15,7 @@ ACTION_SITE_INFO = "site_info"
 ACTION_VALIDATION = "validation_sums"
 ACTION_PLACEMENTS = "validation_placements"
 ACTION_EXTERNAL = "external_eval"
+ACTION_RECALIBRATION = "recalibration_sums"  # one Newton step of the logistic recalibration
 ACTION_TABULAR = "tabular"  # one step of a federated tabular fit (client/components.py)
 ACTION_SECAGG_SETUP = "secagg_setup"
 ACTION_SECAGG_SHARE = "secagg_share"
@@ -23,4 +24,7 @@ ACTION_SECAGG_UNMASK = "secagg_unmask"
 
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
+RECAL_INTERCEPT = "recal-intercept"  # ConfigRecord keys of ACTION_RECALIBRATION: the point
+RECAL_SLOPE = "recal-slope"  # at which a site returns its recalibration sums
+RECALIBRATION = "recalibration"  # external_eval config: JSON of the deep model's recalibration
 REPORT = "report"  # ConfigRecord key holding a JSON document of aggregate statistics
