@@ -1,6 +1,7 @@
 """Clinical statistics (public API). Results are frozen dataclasses.
 
-Binary outcomes: :func:`auc_ci`, :func:`delong_test`, :func:`youden_threshold`,
+Binary outcomes: :func:`auc_ci`, :func:`delong_test`, :func:`delong_unpaired_test`,
+:func:`partial_auc`, :func:`youden_threshold`,
 :func:`binary_metrics`, :func:`calibration`, :func:`hosmer_lemeshow`, :func:`net_benefit`.
 Survival: :func:`c_index`, :func:`logrank`, :func:`kaplan_meier`, :func:`cox_fit`,
 :func:`net_benefit_survival`. Segmentation: :func:`dice`. Pooling across sites from summed
@@ -12,14 +13,22 @@ from hcc_fl.shared.metrics.classification import (
     BinaryMetrics,
     Calibration,
     DecisionCurve,
+    DeLongSummary,
     DeLongTest,
     HosmerLemeshow,
+    UnpairedDeLongTest,
     auc_ci,
     binary_metrics,
     calibration,
+    delong_summary,
     delong_test,
+    delong_unpaired_from_summaries,
+    delong_unpaired_test,
     hosmer_lemeshow,
     net_benefit,
+    partial_auc,
+    partial_auc_from_roc,
+    roc_points,
     wilson_interval,
     youden_threshold,
 )
@@ -37,9 +46,11 @@ from hcc_fl.shared.metrics.survival import (
 )
 
 __all__ = [
-    "AUCResult", "BinaryMetrics", "Calibration", "CoxResult", "DeLongTest", "DecisionCurve",
-    "HosmerLemeshow", "KMCurve", "LogRank", "ScoreGrid", "auc_ci", "binary_metrics",
-    "c_index", "calibration", "cox_fit", "delong_test", "dice", "hosmer_lemeshow",
-    "kaplan_meier", "logrank", "net_benefit", "net_benefit_survival", "site_histograms",
-    "wilson_interval", "youden_from_histograms", "youden_threshold",
+    "AUCResult", "BinaryMetrics", "Calibration", "CoxResult", "DeLongSummary", "DeLongTest",
+    "DecisionCurve", "HosmerLemeshow", "KMCurve", "LogRank", "ScoreGrid", "UnpairedDeLongTest",
+    "auc_ci", "binary_metrics", "c_index", "calibration", "cox_fit", "delong_summary",
+    "delong_test", "delong_unpaired_from_summaries", "delong_unpaired_test", "dice",
+    "hosmer_lemeshow", "kaplan_meier", "logrank", "net_benefit", "net_benefit_survival",
+    "partial_auc", "partial_auc_from_roc", "roc_points", "site_histograms", "wilson_interval",
+    "youden_from_histograms", "youden_threshold",
 ]

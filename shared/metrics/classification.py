@@ -1,5 +1,6 @@
-"""Binary-outcome statistics: AUC with CI, DeLong test, Youden threshold, confusion-matrix
-metrics with CIs, calibration, Hosmer-Lemeshow and decision-curve net benefit.
+"""Binary-outcome statistics: AUC with CI, paired and unpaired DeLong tests, partial AUC, Youden
+threshold, confusion-matrix metrics with CIs, calibration, Hosmer-Lemeshow and decision-curve net
+benefit.
 
 Results are frozen dataclasses. Conventions (pROC's and dcurves'): the positive class is 1; a
 patient is called positive when ``score >= threshold``; tied scores count one half in the AUC.
@@ -8,6 +9,7 @@ patient is called positive when ``score >= threshold``; tied scores count one ha
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -180,6 +182,206 @@ def delong_test(
     return DeLongTest(float(aucs[0]), float(aucs[1]), float(zval), p,
                       (float(diff - half), float(diff + half)),
                       float(cov[0, 1]))
+
+
+# ----------------------------------------------------------------------------- unpaired DeLong
+@dataclass(frozen=True)
+class DeLongSummary:
+    """What one ROC curve contributes to an unpaired DeLong test.
+
+    ``var10`` and ``var01`` are the sample variances (ddof = 1) of the cases' and the controls'
+    placement values (V10, V01); ``variance`` = var10 / n_pos + var01 / n_neg is DeLong's
+    variance of the AUC. A site can send this instead of its patients' scores.
+    """
+
+    auc: float
+    var10: float
+    var01: float
+    n_pos: int
+    n_neg: int
+
+    @property
+    def variance(self) -> float:
+        """DeLong's variance of the AUC."""
+        return self.var10 / self.n_pos + self.var01 / self.n_neg
+
+
+def delong_summary(y_true: ArrayLike, score: ArrayLike) -> DeLongSummary:
+    """AUC and placement-value variances of one curve (at least two cases and two controls)."""
+    y, s = _as_binary(y_true, score)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if n_pos < 2 or n_neg < 2:
+        raise ValueError("the DeLong variance needs at least two cases and two controls")
+    aucs, v10, v01 = _delong_components(y, s[None, :])
+    return DeLongSummary(float(aucs[0]), float(np.var(v10[0], ddof=1)),
+                         float(np.var(v01[0], ddof=1)), n_pos, n_neg)
+
+
+@dataclass(frozen=True)
+class UnpairedDeLongTest:
+    """DeLong's test of two AUCs on different patients (pROC ``paired = FALSE``).
+
+    ``statistic`` is pROC's D, referred to Student's t with ``df`` degrees of freedom; ``ci_diff``
+    is the two-sided ``level`` interval of auc1 - auc2 from the same t distribution (pROC itself
+    reports no interval for this test).
+    """
+
+    auc1: float
+    auc2: float
+    statistic: float
+    df: float
+    p_value: float
+    ci_diff: tuple[float, float]
+    level: float
+    alternative: str
+    method: str = "DeLong's test for two ROC curves (unpaired)"
+
+
+_ALTERNATIVES = ("two.sided", "greater", "less")
+
+
+def delong_unpaired_from_summaries(
+    curve1: DeLongSummary, curve2: DeLongSummary, level: float = 0.95,
+    alternative: str = "two.sided",
+) -> UnpairedDeLongTest:
+    """Unpaired DeLong test of AUC1 = AUC2 from the two curves' summaries.
+
+    As pROC's ``delong.unpaired.test`` (R/delong.R): with S_k = var10_k / m_k + var01_k / n_k
+    (m cases, n controls, N_k = m_k + n_k patients),
+    D = (AUC1 - AUC2) / sqrt(S_1 + S_2) and
+    df = (S_1 + S_2)^2 / (S_1^2 / (N_1 - 1) + S_2^2 / (N_2 - 1)),
+    p from Student's t with df (``alternative`` "greater": AUC1 > AUC2, as in ``roc.test``).
+    """
+    if alternative not in _ALTERNATIVES:
+        raise ValueError(f"unknown alternative '{alternative}' (use {', '.join(_ALTERNATIVES)})")
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must lie in (0, 1)")
+    for c in (curve1, curve2):
+        if c.n_pos < 2 or c.n_neg < 2:
+            raise ValueError("the DeLong test needs at least two cases and two controls per curve")
+    s1, s2 = curve1.variance, curve2.variance
+    var = s1 + s2
+    diff = curve1.auc - curve2.auc
+    if var > 0:
+        df = var**2 / (s1**2 / (curve1.n_pos + curve1.n_neg - 1)
+                       + s2**2 / (curve2.n_pos + curve2.n_neg - 1))
+        stat = diff / math.sqrt(var)
+        upper = float(stats.t.sf(stat, df))
+        lower = float(stats.t.cdf(stat, df))
+        half = float(stats.t.ppf(0.5 + level / 2.0, df)) * math.sqrt(var)
+    else:
+        # Both variances 0: every placement value of a curve equal, so each AUC is 0, 1/2 or 1
+        # and a difference below 1e-9 is rounding. pROC gives NaN here; we give D = 0, p = 1 for
+        # equal AUCs and D = +-inf, p = 0 otherwise (as delong_test).
+        df = math.nan
+        if abs(diff) < 1e-9:
+            diff = 0.0
+        stat = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+        upper = 1.0 if diff <= 0 else 0.0
+        lower = 1.0 if diff >= 0 else 0.0
+        half = 0.0
+    p = {"two.sided": min(1.0, 2.0 * min(upper, lower)), "greater": upper, "less": lower}
+    return UnpairedDeLongTest(float(curve1.auc), float(curve2.auc), float(stat), float(df),
+                              float(p[alternative]), (float(diff - half), float(diff + half)),
+                              level, alternative)
+
+
+def delong_unpaired_test(
+    y1: ArrayLike, score1: ArrayLike, y2: ArrayLike, score2: ArrayLike, level: float = 0.95,
+    alternative: str = "two.sided",
+) -> UnpairedDeLongTest:
+    """Unpaired DeLong test of two ROC curves on different patients (e.g. internal validation
+    vs the external cohort), as pROC ``roc.test(roc1, roc2, method = "delong", paired = FALSE)``
+    with ``direction = "<"`` (higher score = case, this module's convention throughout)."""
+    return delong_unpaired_from_summaries(delong_summary(y1, score1),
+                                          delong_summary(y2, score2), level, alternative)
+
+
+# ----------------------------------------------------------------------------- partial AUC
+_FOCI = ("specificity", "sensitivity")
+
+
+def _area_between(x: F64, y: F64, lo: float, hi: float) -> float:
+    """Area under the polyline through (x, y) (x non-decreasing) between x = lo and x = hi.
+
+    Each segment is clipped to [lo, hi], its ends interpolated linearly; vertical segments add
+    nothing.
+    """
+    x0, x1, y0, y1 = x[:-1], x[1:], y[:-1], y[1:]
+    a, b = np.clip(x0, lo, hi), np.clip(x1, lo, hi)
+    keep = b > a
+    x0, x1, y0, y1, a, b = (v[keep] for v in (x0, x1, y0, y1, a, b))
+    slope = (y1 - y0) / (x1 - x0)
+    ya, yb = y0 + (a - x0) * slope, y0 + (b - x0) * slope
+    return float(np.sum((b - a) * (ya + yb) / 2.0))
+
+
+def partial_auc_from_roc(
+    fpr: ArrayLike, tpr: ArrayLike, limits: tuple[float, float] = (1.0, 0.8),
+    focus: str = "specificity", correct: bool = False,
+) -> float:
+    """Partial area under an empirical ROC curve given as (FPR, TPR) points in threshold order
+    (from (0, 0) to (1, 1), both non-decreasing), as pROC's ``auc(..., partial.auc = limits)``.
+
+    ``focus = "specificity"`` integrates sensitivity over specificity in ``limits``;
+    ``"sensitivity"`` integrates specificity over sensitivity. The curve is linear between
+    points (trapezoids), and at the limits it is interpolated. ``correct`` applies McClish's
+    (1989) standardisation as pROC: (1 + (pAUC - min) / (max - min)) / 2 with max = |a - b| and
+    min = the area under the diagonal in the band, ((1 - a) + (1 - b)) / 2 * |a - b|; a curve
+    below that (pAUC < min) has no corrected value: NaN with a RuntimeWarning (pROC: NA with a
+    warning). ``limits`` may be given in either order; over (1, 0) the result is the AUC.
+    """
+    f = np.asarray(fpr, dtype=np.float64).ravel()
+    t = np.asarray(tpr, dtype=np.float64).ravel()
+    if f.shape != t.shape or f.size < 2:
+        raise ValueError("fpr and tpr must have the same length (at least 2)")
+    rates = np.concatenate([f, t])
+    if (not np.all(np.isfinite(rates)) or np.any((rates < 0) | (rates > 1))
+            or np.any(np.diff(f) < 0) or np.any(np.diff(t) < 0)):
+        raise ValueError("fpr and tpr must be non-decreasing rates in [0, 1]")
+    if focus not in _FOCI:
+        raise ValueError(f"unknown focus '{focus}' (use 'specificity' or 'sensitivity')")
+    lims = [float(v) for v in limits]
+    if len(lims) != 2 or not all(0.0 <= v <= 1.0 for v in lims) or lims[0] == lims[1]:
+        raise ValueError(f"limits must be two different values in [0, 1], got {limits}")
+    hi, lo = max(lims), min(lims)
+    if focus == "specificity":
+        area = _area_between(1.0 - f[::-1], t[::-1], lo, hi)
+    else:
+        area = _area_between(t, 1.0 - f, lo, hi)
+    if not correct:
+        return area
+    smallest = ((1.0 - hi) + (1.0 - lo)) / 2.0 * (hi - lo)
+    largest = hi - lo
+    if area < smallest:
+        warnings.warn("the partial AUC correction is not defined for ROC curves below the "
+                      "diagonal", RuntimeWarning, stacklevel=2)
+        return math.nan
+    return (1.0 + (area - smallest) / (largest - smallest)) / 2.0
+
+
+def roc_points(y_true: ArrayLike, score: ArrayLike) -> tuple[F64, F64]:
+    """The empirical ROC curve: (FPR, TPR) at +inf and at every distinct score, descending
+    (a patient is positive when ``score >= threshold``)."""
+    y, s = _as_binary(y_true, score)
+    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("the ROC curve needs at least one case and one control")
+    thr = np.unique(s)[::-1]
+    tp = len(pos) - np.searchsorted(pos, thr, side="left")
+    fp = len(neg) - np.searchsorted(neg, thr, side="left")
+    return (np.concatenate([[0.0], fp / len(neg)]), np.concatenate([[0.0], tp / len(pos)]))
+
+
+def partial_auc(
+    y_true: ArrayLike, score: ArrayLike, limits: tuple[float, float] = (1.0, 0.8),
+    focus: str = "specificity", correct: bool = False,
+) -> float:
+    """Partial AUC of the empirical ROC curve (pROC ``auc(roc, partial.auc = limits,
+    partial.auc.focus = focus, partial.auc.correct = correct)``); see
+    :func:`partial_auc_from_roc`."""
+    fpr, tpr = roc_points(y_true, score)
+    return partial_auc_from_roc(fpr, tpr, limits, focus, correct)
 
 
 def youden_threshold(y_true: ArrayLike, score: ArrayLike) -> float:

@@ -29,7 +29,14 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from hcc_fl.shared.metrics.classification import AUCResult, DeLongTest
+from hcc_fl.shared.metrics.classification import (
+    AUCResult,
+    DeLongSummary,
+    DeLongTest,
+    UnpairedDeLongTest,
+    delong_unpaired_from_summaries,
+    partial_auc_from_roc,
+)
 
 F64 = npt.NDArray[np.float64]
 
@@ -204,6 +211,50 @@ def pooled_delong_test(sums: PlacementSums, level: float = 0.95) -> DeLongTest:
     half = zc * math.sqrt(max(var, 0.0))
     return DeLongTest(float(auc_a), float(auc_b), float(zval), p,
                       (float(diff - half), float(diff + half)), float(cov))
+
+
+# ----------------------------------------------------------------- unpaired DeLong, partial AUC
+def pooled_delong_summary(sums: PlacementSums) -> DeLongSummary:
+    """One cohort's :class:`DeLongSummary` (model a) from its summed placement sums."""
+    m, n = int(sums.case[0]), int(sums.control[0])
+    if m < 2 or n < 2:
+        raise ValueError("the DeLong variance needs at least two cases and two controls")
+    auc, var10, _, _, _ = _moments(sums.case)
+    _, var01, _, _, _ = _moments(sums.control)
+    return DeLongSummary(float(auc), float(var10), float(var01), m, n)
+
+
+def pooled_unpaired_delong_test(
+    sums1: PlacementSums, sums2: PlacementSums, level: float = 0.95,
+    alternative: str = "two.sided",
+) -> UnpairedDeLongTest:
+    """Unpaired DeLong test of two cohorts' AUCs (model a of each), each cohort's placement sums
+    computed against its own pooled histograms (pass 1 and pass 2 run per cohort). Either side
+    may also be a single site's sums; see :func:`delong_unpaired_from_summaries`."""
+    return delong_unpaired_from_summaries(pooled_delong_summary(sums1),
+                                          pooled_delong_summary(sums2), level, alternative)
+
+
+def roc_from_histograms(pos: F64, neg: F64) -> tuple[F64, F64]:
+    """The empirical ROC curve (FPR, TPR) over the grid's edges from summed histograms, in
+    threshold order from (0, 0); edges between two empty bins are left out (they repeat a point).
+    Equal to the curve of the unbinned scores when distinct scores fall in distinct bins."""
+    if pos.sum() == 0 or neg.sum() == 0:
+        raise ValueError("the ROC curve needs at least one case and one control")
+    tp, fp = confusion_at_edges(pos, neg)
+    keep = np.nonzero((pos + neg) > 0)[0][::-1]
+    fpr = np.concatenate([[0.0], fp[keep] / neg.sum()])
+    tpr = np.concatenate([[0.0], tp[keep] / pos.sum()])
+    return fpr, tpr
+
+
+def pooled_partial_auc(
+    pos: F64, neg: F64, limits: tuple[float, float] = (1.0, 0.8),
+    focus: str = "specificity", correct: bool = False,
+) -> float:
+    """Partial AUC from summed class-wise histograms (see :func:`partial_auc_from_roc`)."""
+    fpr, tpr = roc_from_histograms(pos, neg)
+    return partial_auc_from_roc(fpr, tpr, limits, focus, correct)
 
 
 # ----------------------------------------------------------------------------- calibration
