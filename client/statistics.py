@@ -7,6 +7,7 @@ coordinates. No function returns a per-patient score, time or identifier.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -15,14 +16,17 @@ from torch import nn
 
 from hcc_fl.client.data import SiteData
 from hcc_fl.client.train import bce_loss, predict
+from hcc_fl.shared.evaluation import PARTIAL_AUC
 from hcc_fl.shared.metrics import (
     auc_ci,
     binary_metrics,
     calibration,
+    delong_summary,
     delong_test,
     hosmer_lemeshow,
     logrank,
     net_benefit,
+    partial_auc,
 )
 from hcc_fl.shared.metrics.pooled import (
     ScoreGrid,
@@ -138,6 +142,9 @@ def external_report_prob(
     if both:
         out.update(_calibration_blocks(y, prob))
         out["roc"] = _roc_points(y, prob)
+        out["partial_auc"] = partial_aucs(y, prob)
+    if 2 <= y.sum() <= len(y) - 2:
+        out["delong_summary"] = asdict(delong_summary(y, prob))
     high = prob >= threshold
     out["survival"] = {}
     for name, (t, e) in (survival or {}).items():
@@ -147,6 +154,18 @@ def external_report_prob(
             block.update(statistic=lr.statistic, p_value=lr.p_value,
                          high=_km_steps(t[high], e[high]), low=_km_steps(t[~high], e[~high]))
         out["survival"][name] = block
+    return out
+
+
+def partial_aucs(y: F64, prob: F64) -> dict[str, float | None]:
+    """The McClish-standardised partial AUCs of :data:`PARTIAL_AUC` (None where undefined)."""
+    import warnings
+
+    out: dict[str, float | None] = {}
+    for name, (limits, focus) in PARTIAL_AUC.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[name] = _finite(partial_auc(y, prob, limits, focus, correct=True))
     return out
 
 

@@ -216,6 +216,7 @@ def build_report(run_dir: Path) -> str:
     parts.extend(_segmentation_and_cox_section(metrics))
     parts.extend(_ssl_and_cam_section(metrics))
 
+    parts.extend(_transport_section(metrics))
     comps = metrics.get("comparisons") or []
     if comps:
         parts.append("<h2>Baseline comparison (paired DeLong tests, external site)</h2>")
@@ -303,6 +304,39 @@ def build_report(run_dir: Path) -> str:
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>hcc-fl report {html.escape(metrics['run_name'])}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
+
+
+def _transport_section(metrics: dict[str, Any]) -> list[str]:
+    """Pooled internal validation against the external site: the unpaired DeLong test of the
+    two AUCs and the standardised partial AUCs of both."""
+    tests = metrics.get("internal_vs_external") or {}
+    validation = metrics.get("validation") or {}
+    rows = []
+    for arm, e in (metrics.get("external") or {}).items():
+        if "/" in arm:
+            continue
+        pooled = (validation.get(arm) or {}).get("pooled") or {}
+        t = tests.get(arm)
+        pv, pe = pooled.get("partial_auc") or {}, e.get("partial_auc") or {}
+        cells = ([_f(t["auc_internal"]), _f(t["auc_external"]),
+                  _ci(t["auc_internal"] - t["auc_external"], t["ci_diff"]), _f(t["statistic"], 2),
+                  _f(t["df"], 1), _f(t["p_value"], 4)] if t else
+                 [_f(pooled.get("auc")), _f(e.get("auc")), "n/a", "n/a", "n/a", "n/a"])
+        rows.append([html.escape(arm), *cells,
+                     f"{_f(pv.get('specificity_0.8_1'))} / {_f(pe.get('specificity_0.8_1'))}",
+                     f"{_f(pv.get('sensitivity_0.8_1'))} / {_f(pe.get('sensitivity_0.8_1'))}"])
+    if not rows:
+        return []
+    return [
+        "<h2>Internal validation against the external site</h2>",
+        "<p>Unpaired DeLong test (pROC's <code>roc.test(paired = FALSE)</code>: Student t with "
+        "Welch-Satterthwaite df) of the pooled training-site validation AUC, from summed placement "
+        "sums, against the external site's AUC, from its own summary. Partial AUCs over "
+        "specificity 0.8-1 and sensitivity 0.8-1, McClish-standardised (0.5 = chance, 1 = "
+        "perfect), pooled validation / external.</p>",
+        _table(["arm", "AUC internal", "AUC external", "difference (95% CI)", "D", "df", "p",
+                "pAUC spec. 0.8-1", "pAUC sens. 0.8-1"], rows),
+    ]
 
 
 def _recalibration_section(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:

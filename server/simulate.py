@@ -30,6 +30,7 @@ from hcc_fl.server.flower_runtime import (
     write_app_bundle,
 )
 from hcc_fl.shared.errors import DataError
+from hcc_fl.shared.evaluation import internal_vs_external
 from hcc_fl.shared.jsonio import clean, write_json
 from hcc_fl.shared.tasks import get_task
 from hcc_fl.shared.version import code_version
@@ -417,6 +418,8 @@ def run_simulation(
         ),
         "external": external,
         "comparisons": comparisons,
+        "internal_vs_external": {arm: internal_vs_external(validation.get(arm), external[arm])
+                                 for arm in deep_arms},
         "components": components,
         "validation": validation,
         "sites": sites,

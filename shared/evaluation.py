@@ -10,17 +10,22 @@ Used identically by the ServerApp and by the in-process baselines.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from hcc_fl.shared.metrics.classification import DeLongSummary, delong_unpaired_from_summaries
 from hcc_fl.shared.metrics.pooled import (
     PlacementSums,
     ScoreGrid,
     pooled_auc_ci,
     pooled_calibration,
+    pooled_delong_summary,
+    pooled_partial_auc,
     youden_from_histograms,
 )
 from hcc_fl.shared.metrics.recalibration import (
@@ -31,6 +36,10 @@ from hcc_fl.shared.metrics.recalibration import (
 )
 
 log = logging.getLogger(__name__)
+# Partial AUCs (McClish-standardised) of the pooled validation and at the external site: the
+# high-specificity and the high-sensitivity end of the ROC curve.
+PARTIAL_AUC = {"specificity_0.8_1": ((1.0, 0.8), "specificity"),
+               "sensitivity_0.8_1": ((1.0, 0.8), "sensitivity")}
 
 F64 = npt.NDArray[np.float64]
 
@@ -66,6 +75,15 @@ def combine_pass1(
             "calibration_bins": [list(b) for b in cal.bins], "grid_bins": grid.n_bins,
         },
     }
+    for name, (limits, focus) in PARTIAL_AUC.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                value = pooled_partial_auc(pos, neg, limits, focus, correct=True)
+            block["pooled"].setdefault("partial_auc", {})[name] = (
+                value if np.isfinite(value) else None)
+        except ValueError:
+            block["pooled"].setdefault("partial_auc", {})[name] = None
     try:
         binned = binned_recalibration(pos, neg, grid.edges)
         block["pooled"]["recalibration"] = {**binned.as_dict(), "applied": binned.usable()}
@@ -83,7 +101,28 @@ def finish_pass2(block: dict[str, Any], placement_vectors: list[F64]) -> dict[st
         block["pooled"].update(auc=res.auc, auc_ci=[res.lower, res.upper])
     except ValueError:
         block["pooled"].update(auc=None, auc_ci=None)
+    try:
+        block["pooled"]["delong_summary"] = asdict(pooled_delong_summary(sums))
+    except ValueError:
+        block["pooled"]["delong_summary"] = None
     return block
+
+
+def internal_vs_external(validation: dict[str, Any] | None, external: dict[str, Any] | None
+                         ) -> dict[str, Any] | None:
+    """Unpaired DeLong test of the pooled internal-validation AUC (training sites' summed
+    placement sums) against the external site's AUC (its own summary): does discrimination
+    transport? None when either side lacks a summary (too few cases or controls)."""
+    a = ((validation or {}).get("pooled") or {}).get("delong_summary")
+    b = (external or {}).get("delong_summary")
+    if not a or not b:
+        return None
+    try:
+        t = delong_unpaired_from_summaries(DeLongSummary(**a), DeLongSummary(**b))
+    except (TypeError, ValueError):
+        return None
+    return {"auc_internal": t.auc1, "auc_external": t.auc2, "statistic": t.statistic,
+            "df": t.df, "p_value": t.p_value, "ci_diff": list(t.ci_diff), "method": t.method}
 
 
 def recalibration_of(block: dict[str, Any]) -> Recalibration | None:
