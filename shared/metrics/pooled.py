@@ -11,12 +11,16 @@ to an edge (0.4567 on the 10,000-bin grid, day 12 on a one-bin-per-day grid, 12.
 tenth-of-a-day grid) always lands in the bin starting at that edge, never in the one below.
 
 **When pooled equals central.** Every pooled statistic here equals the central one on the
-patient rows (up to floating-point rounding of the sums, ~1e-15 relative) when no two distinct
+patient rows (up to floating-point rounding of the sums, ~1e-15 relative; the CI half-width
+of a paired difference is sqrt of a variance near 0 for similar models, so it can differ by
+~1e-9 there) when no two distinct
 values share a bin: AUC, DeLong variance and the paired DeLong test (distinct scores in distinct
 bins), Kaplan-Meier and the log-rank test (distinct times in distinct bins; a bin's time is its
 left edge, so reported times are the data's times when they lie on edges). That holds in
 particular when every value lies on an edge: scores recorded to 4 decimals on the default grid,
-whole-day (or tenth-of-a-day) times on a one-bin-per-day (tenth-of-a-day) grid. Net benefit is
+whole-day (or tenth-of-a-day) times on a one-bin-per-day (tenth-of-a-day) grid, except that
+the closed last bin holds both hi and the edge below it (1.0 and 0.9999 on the default grid;
+a TimeGrid's t_max should exceed the last time). Net benefit is
 exact at every threshold that is an edge; the Youden threshold (an edge) induces the same
 sensitivity and specificity as the central one; the Brier score is exact on any grid.
 **Binning error bound** otherwise: pooled AUC, DeLong variance and the paired DeLong test equal
@@ -55,7 +59,7 @@ def _exact_edges(lo: float, hi: float, n_bins: int) -> F64:
     rational ``(lo (n_bins - i) + hi i) / n_bins`` of the floats ``lo`` and ``hi``.
 
     For decimal-friendly grids an edge is therefore the Python literal of its decimal value
-    (``ScoreGrid(10_000).edges[4567] == 0.4567``, ``TimeGrid(7300, 730).edges[123] == 12.3``),
+    (``ScoreGrid(10_000).edges[4567] == 0.4567``, ``TimeGrid(730, 7300).edges[123] == 12.3``),
     which ``np.linspace`` does not guarantee. Cached and read-only.
     """
     if n_bins < 1:
