@@ -298,12 +298,15 @@ def fit_cox(states: dict[str, TabularState], ask: Ask, horizon: float,
 
     Site steps: ``cox-center`` (feature sums and counts: the pooled mean centres the
     covariates), ``cox`` (gradient, Hessian and log partial likelihood at ``beta``; one round
-    per Newton step) and ``breslow`` (event counts and risk-set sums on a grid of
-    ``grid_step`` up to ``horizon``). The model's ``cox`` entry then holds ``coef``, ``se``,
-    ``center``, ``h0`` (cumulative baseline hazard at the horizon) and the fit's diagnostics;
-    a site scores ``1 - exp(-h0 exp((x - center).coef))``, the risk by the horizon.
+    per Newton step) and ``breslow`` (event counts and risk-set sums on the edges after 0 of
+    ``TimeGrid(horizon, round(horizon / grid_step))``: exact multiples of ``grid_step`` when it
+    divides ``horizon``, the last one ``horizon``). The model's ``cox`` entry then holds
+    ``coef``, ``se``, ``center``, ``h0`` (cumulative baseline hazard at the horizon) and the
+    fit's diagnostics; a site scores ``1 - exp(-h0 exp((x - center).coef))``, the risk by the
+    horizon.
     """
     from hcc_fl.shared.cox import BreslowSums, cox_newton
+    from hcc_fl.shared.metrics.pooled import TimeGrid
 
     for k, st in states.items():
         one = {k: st}
@@ -321,7 +324,8 @@ def fit_cox(states: dict[str, TabularState], ask: Ask, horizon: float,
             return g, h, float(sum(float(r[k]["loglik"]) for r in replies))
 
         fit = cox_newton(summed, len(st.spec.inputs), l2=st.spec.alpha, names=st.spec.inputs)
-        grid = np.round(np.arange(1, int(round(horizon / grid_step)) + 1) * grid_step, 10)
+        # the edges after 0 of the agreed TimeGrid: exact decimals (k * 0.1 days), last = horizon
+        grid = TimeGrid(horizon, max(1, int(round(horizon / grid_step)))).edges[1:]
         replies = ask("breslow", {"beta": fit.coef.tolist(), "grid": grid.tolist()}, one)
         sums = [BreslowSums.from_dict(r[k]) for r in replies]
         pooled = sums[0]

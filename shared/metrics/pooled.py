@@ -4,15 +4,33 @@ Each site computes sums locally (``site_*`` functions); the coordinator adds the
 the statistic (``pooled_*`` functions). The sums are plain arrays, so they can also travel through
 secure aggregation, after which the coordinator sees only the cross-site totals.
 
-Scores are placed on an agreed grid (:class:`ScoreGrid`, default 10,000 equal bins on [0, 1]).
-**Binning error bound**: pooled AUC, DeLong variance and the paired DeLong test equal the central
-DeLong statistics computed on the binned scores exactly; they differ from the unbinned central
-values only through case-control pairs (and, for the variance, placement values) falling in the
-same bin, which are counted as ties. The AUC error is therefore at most half the fraction of
-case-control pairs sharing a bin (<= 0.5 * the largest bin's share of patients). A paired DeLong
-test between two similar models amplifies this error (the variance of the difference is small):
-on the phantom, 1,000 bins moved its p-value by 0.02, 10,000 bins by less than 1e-12. The Youden
-threshold and net benefit are exact at the grid's edges.
+Scores are placed on an agreed grid (:class:`ScoreGrid`, default 10,000 equal bins on [0, 1]),
+survival times on a :class:`TimeGrid`. Bins are half-open, [edge_i, edge_(i+1)) (the last one
+closed), and edge_i is the float nearest to the exact lo + i (hi - lo) / n_bins, so a value equal
+to an edge (0.4567 on the 10,000-bin grid, day 12 on a one-bin-per-day grid, 12.3 on a
+tenth-of-a-day grid) always lands in the bin starting at that edge, never in the one below.
+
+**When pooled equals central.** Every pooled statistic here equals the central one on the
+patient rows (up to floating-point rounding of the sums, ~1e-15 relative; the CI half-width
+of a paired difference is sqrt of a variance near 0 for similar models, so it can differ by
+~1e-9 there) when no two distinct
+values share a bin: AUC, DeLong variance and the paired DeLong test (distinct scores in distinct
+bins), Kaplan-Meier and the log-rank test (distinct times in distinct bins; a bin's time is its
+left edge, so reported times are the data's times when they lie on edges). That holds in
+particular when every value lies on an edge: scores recorded to 4 decimals on the default grid,
+whole-day (or tenth-of-a-day) times on a one-bin-per-day (tenth-of-a-day) grid, except that
+the closed last bin holds both hi and the edge below it (1.0 and 0.9999 on the default grid;
+a TimeGrid's t_max should exceed the last time). Net benefit is
+exact at every threshold that is an edge; the Youden threshold (an edge) induces the same
+sensitivity and specificity as the central one; the Brier score is exact on any grid.
+**Binning error bound** otherwise: pooled AUC, DeLong variance and the paired DeLong test equal
+the central DeLong statistics computed on the binned scores exactly; they differ from the
+unbinned central values only through case-control pairs (and, for the variance, placement values)
+falling in the same bin, which are counted as ties. The AUC error is therefore at most half the
+fraction of case-control pairs sharing a bin (<= 0.5 * the largest bin's share of patients). A
+paired DeLong test between two similar models amplifies this error (the variance of the
+difference is small): on the phantom, 1,000 bins moved its p-value by 0.02, 10,000 bins by less
+than 1e-12.
 
 Disclosure: a single site's fine histogram tells the coordinator approximately how that site's
 scores are distributed (not which patient has which score). A site can choose a coarser grid
@@ -22,6 +40,7 @@ coordinator sees only sums over sites.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,10 +60,50 @@ from hcc_fl.shared.metrics.classification import (
 F64 = npt.NDArray[np.float64]
 
 
+@functools.lru_cache(maxsize=32)
+def _exact_edges(lo: float, hi: float, n_bins: int) -> F64:
+    """The ``n_bins + 1`` edges ``lo + i (hi - lo) / n_bins``, each the float nearest to the exact
+    rational ``(lo (n_bins - i) + hi i) / n_bins`` of the floats ``lo`` and ``hi``.
+
+    For decimal-friendly grids an edge is therefore the Python literal of its decimal value
+    (``ScoreGrid(10_000).edges[4567] == 0.4567``, ``TimeGrid(730, 7300).edges[123] == 12.3``),
+    which ``np.linspace`` does not guarantee. Cached and read-only.
+    """
+    if n_bins < 1:
+        raise ValueError(f"a grid needs at least one bin, got n_bins={n_bins}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"a grid needs finite lo < hi, got [{lo}, {hi}]")
+    if lo.is_integer() and hi.is_integer() and max(abs(lo), abs(hi)) * n_bins < 2.0**53:
+        # integer numerators below 2**53 are exact in float64: one correctly rounded division
+        i = np.arange(n_bins + 1, dtype=np.int64)
+        num = int(lo) * (n_bins - i) + int(hi) * i
+        edges = num.astype(np.float64) / float(n_bins)
+    else:
+        # exact rationals: lo = a / q, hi = b / q (q a power of two); int / int rounds correctly
+        (a, qa), (b, qb) = lo.as_integer_ratio(), hi.as_integer_ratio()
+        q = max(qa, qb)
+        a, b = a * (q // qa), b * (q // qb)
+        den = q * n_bins
+        edges = np.array([(a * (n_bins - k) + b * k) / den for k in range(n_bins + 1)],
+                         dtype=np.float64)
+    if not np.all(np.diff(edges) > 0):
+        raise ValueError(f"{n_bins} bins on [{lo}, {hi}] are finer than float64 resolves")
+    edges.flags.writeable = False
+    return edges
+
+
+def _bin_of(edges: F64, x: F64) -> npt.NDArray[np.int64]:
+    """Index of the bin whose left edge is the largest edge <= x, clipped to the grid's bins
+    (values on an edge go to the bin that starts there; the last bin includes its right edge)."""
+    idx = np.searchsorted(edges, x, side="right") - 1
+    return np.clip(idx, 0, len(edges) - 2).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class ScoreGrid:
-    """The agreed grid: ``n_bins`` equal bins on [lo, hi]; bin i holds lo + i*w <= s < lo+(i+1)*w
-    (the last bin includes ``hi``)."""
+    """The agreed grid: ``n_bins`` equal bins on [lo, hi]; bin i holds edge_i <= s < edge_(i+1)
+    (the last bin includes ``hi``), where edge_i is the float nearest to lo + i (hi - lo) / n_bins
+    (see :attr:`edges`). A score equal to an edge always lands in the bin starting there."""
 
     n_bins: int = 10_000
     lo: float = 0.0
@@ -52,16 +111,23 @@ class ScoreGrid:
 
     @property
     def edges(self) -> F64:
-        """The ``n_bins + 1`` bin edges."""
-        return np.linspace(self.lo, self.hi, self.n_bins + 1)
+        """The ``n_bins + 1`` bin edges, exactly rounded (read-only array)."""
+        return _exact_edges(float(self.lo), float(self.hi), int(self.n_bins))
 
     def index(self, score: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Bin index of each score (scores outside [lo, hi] are refused)."""
         s = np.asarray(score, dtype=np.float64).ravel()
         if np.any(~np.isfinite(s)) or np.any((s < self.lo) | (s > self.hi)):
             raise ValueError(f"scores must be finite and lie in [{self.lo}, {self.hi}]")
-        idx = ((s - self.lo) / (self.hi - self.lo) * self.n_bins).astype(np.int64)
-        return np.minimum(idx, self.n_bins - 1)
+        return _bin_of(self.edges, s)
+
+    def edge_index(self, value: float) -> int:
+        """k with ``edges[k] == value`` exactly; ValueError if ``value`` is not an edge."""
+        edges = self.edges
+        k = int(np.searchsorted(edges, value, side="left"))
+        if k > self.n_bins or edges[k] != value:
+            raise ValueError(f"{value!r} is not an edge of the grid")
+        return k
 
 
 # ----------------------------------------------------------------------------- pass 1: histograms
@@ -95,13 +161,17 @@ def pooled_auc(pos: F64, neg: F64) -> float:
 
 
 def youden_from_histograms(pos: F64, neg: F64, grid: ScoreGrid | None = None) -> float:
-    """Youden threshold over the grid's edges from summed histograms (positive if s >= thr)."""
+    """Youden threshold over the grid's edges from summed histograms (positive if s >= thr).
+
+    Among equally good edges the lowest is returned (as :func:`youden_threshold`): J is compared
+    as ``(J - 1) * n_pos * n_neg = TP * n_neg - FP * n_pos``, exact for counts, so that ties are
+    ties and not decided by rounding.
+    """
     grid = grid or ScoreGrid(len(pos))
     if pos.sum() == 0 or neg.sum() == 0:
         raise ValueError("the Youden threshold needs both classes")
-    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
-    fp = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])
-    j = tp / pos.sum() + 1.0 - fp / neg.sum()
+    tp, fp = confusion_at_edges(pos, neg)
+    j = tp * neg.sum() - fp * pos.sum()
     best = int(np.argmax(j))
     if best == len(pos):
         return float(grid.hi + 1e-9)
@@ -116,14 +186,17 @@ def confusion_at_edges(pos: F64, neg: F64) -> tuple[F64, F64]:
 
 
 def pooled_net_benefit(pos: F64, neg: F64, grid: ScoreGrid, thresholds: npt.ArrayLike) -> F64:
-    """Model net benefit at ``thresholds`` (each must be a grid edge) from summed histograms."""
+    """Model net benefit at ``thresholds`` from summed histograms; each threshold must equal a
+    grid edge exactly (``grid.edges[k]``; decimal thresholds such as 0.05 or 0.3 are edges of the
+    default grid), so that "positive if score >= threshold" is decided exactly by the bins."""
     tp, fp = confusion_at_edges(pos, neg)
     n = pos.sum() + neg.sum()
     out = []
     for pt in np.asarray(thresholds, dtype=np.float64):
-        k = int(round((pt - grid.lo) / (grid.hi - grid.lo) * grid.n_bins))
-        if not math.isclose(grid.edges[k], pt, abs_tol=1e-12):
-            raise ValueError(f"threshold {pt} is not an edge of the grid")
+        try:
+            k = grid.edge_index(float(pt))
+        except ValueError:
+            raise ValueError(f"threshold {pt!r} is not an edge of the grid") from None
         out.append(tp[k] / n - fp[k] / n * pt / (1 - pt))
     return np.asarray(out, dtype=np.float64)
 
@@ -294,24 +367,32 @@ def pooled_calibration(sums: F64) -> PooledCalibration:
 # ----------------------------------------------------------------------------- survival
 @dataclass(frozen=True)
 class TimeGrid:
-    """Agreed time grid: ``n_bins`` equal bins on [0, t_max]; times are binned to the bin's left
-    edge. Exact when no two distinct event times share a bin (choose the resolution finer than the
-    data's recording precision)."""
+    """Agreed time grid: ``n_bins`` equal bins on [0, t_max] with exactly rounded edges (as
+    :class:`ScoreGrid`); bin i holds edge_i <= t < edge_(i+1), times beyond t_max fall in the last
+    bin, and every time is represented by its bin's left edge. Exact when no two distinct times
+    share a bin: choose the resolution at the data's recording precision, e.g. one bin per day
+    (``TimeGrid(365, 365)``) for whole days or ``TimeGrid(730, 7300)`` for tenths of a day; a
+    time equal to an edge is then its bin's left edge."""
 
     t_max: float
     n_bins: int
+
+    @property
+    def edges(self) -> F64:
+        """The ``n_bins + 1`` bin edges, exactly rounded (read-only array)."""
+        return _exact_edges(0.0, float(self.t_max), int(self.n_bins))
 
     def index(self, time: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Bin index of each time (times beyond t_max fall in the last bin)."""
         t = np.asarray(time, dtype=np.float64).ravel()
         if np.any(t < 0) or not np.all(np.isfinite(t)):
             raise ValueError("times must be finite and >= 0")
-        return np.minimum((t / self.t_max * self.n_bins).astype(np.int64), self.n_bins - 1)
+        return _bin_of(self.edges, t)
 
     @property
     def times(self) -> F64:
         """Left edge of every bin."""
-        return np.arange(self.n_bins, dtype=np.float64) * (self.t_max / self.n_bins)
+        return self.edges[:-1]
 
 
 def site_survival_counts(
