@@ -72,6 +72,41 @@ def test_metrics_schema_and_external_auc(demo_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_recalibration_and_internal_vs_external(demo_run: Path) -> None:
+    """Issue 14: the federated recalibration ran as Newton messages to the training sites, the
+    external site reported the recalibrated probabilities (same ranks), the unpaired DeLong test
+    of internal against external AUC is in metrics.json, and the report shows both."""
+    m = json.loads((demo_run / "metrics.json").read_text())
+    audit = [json.loads(x) for x in
+             (demo_run / "logs" / "audit-coordinator.jsonl").read_text().splitlines()]
+    for arm in ("fedavg", "fedprox", "centralized"):
+        fit = m["validation"][arm]["pooled"]["recalibration"]
+        assert fit["method"] == "newton" and fit["converged"], (arm, fit)
+        assert fit["score_norm"] <= 1e-9 * fit["n"]
+        e = m["external"][arm]
+        if fit["applied"]:
+            rec = e["recalibrated"]
+            assert rec["auc"] == pytest.approx(e["auc"], abs=1e-12)
+            assert rec["recalibration"]["slope"] == pytest.approx(fit["slope"])
+            assert set(rec["calibration"]) >= {"slope", "intercept_in_the_large", "brier"}
+        else:
+            assert "recalibrated" not in e and fit["reason"]
+        t = m["internal_vs_external"][arm]
+        assert t["auc_external"] == pytest.approx(e["auc"], abs=1e-12)
+        assert 0 <= t["p_value"] <= 1 and t["df"] > 1
+        assert set(e["partial_auc"]) == {"specificity_0.8_1", "sensitivity_0.8_1"}
+    # every Newton evaluation is one message to each of the three training sites per arm
+    sent = [a for a in audit if a["event"] == "sent" and a.get("type") == "recalibration_sums"]
+    evaluations = sum(m["validation"][arm]["pooled"]["recalibration"]["iterations"]
+                      for arm in ("fedavg", "fedprox"))
+    assert len(sent) == 3 * evaluations
+    assert {a["peer"] for a in sent} == {"site_A", "site_B", "site_C"}
+    html_text = (demo_run / "report.html").read_text()
+    assert "Recalibration (external site, before &rarr; after)" in html_text
+    assert "Internal validation against the external site" in html_text
+
+
+@pytest.mark.slow
 def test_history_per_round_and_site(demo_run: Path) -> None:
     lines = [json.loads(x) for x in (demo_run / "history.jsonl").read_text().splitlines()]
     fed = [x for x in lines if x["arm"] == "fedavg"]
