@@ -139,7 +139,7 @@ def recalibrate_pooled(
     block: dict[str, Any],
     ask: Callable[[tuple[float, float]], dict[str, Any]],
     counts: dict[str, int],
-    max_evaluations: int = 25,
+    max_evaluations: int = 10,
 ) -> Recalibration | None:
     """The exact federated recalibration: Newton steps on the sites' summed recalibration sums,
     started from the binned fit in ``block`` (see :func:`combine_pass1`).
@@ -150,8 +150,15 @@ def recalibrate_pooled(
     Returns the recalibration to apply, or None.
     """
     entry = block["pooled"].get("recalibration") or {}
-    start = ((float(entry["intercept"]), float(entry["slope"]))
-             if entry.get("converged") else (0.0, 1.0))
+    if not entry.get("converged"):
+        # The fit on the pooled histograms diverged: the outcome is separated by the score (or
+        # a class is missing), so the exact fit diverges too; no message is spent on it.
+        block["pooled"]["recalibration"] = {
+            **entry, "applied": False,
+            "reason": entry.get("reason") or "not fitted: the pooled predictions separate the "
+                                             "outcome (the maximum-likelihood fit does not exist)"}
+        return None
+    start = (float(entry["intercept"]), float(entry["slope"]))
 
     def summed(coef: tuple[float, float]) -> F64:
         replies = ask(coef)

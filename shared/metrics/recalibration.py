@@ -166,6 +166,9 @@ def fit_recalibration(
             raise ValueError("recalibration needs at least one patient")
         grad = s[1:3]
         norm = float(np.max(np.abs(grad)))
+        if s[6] > -1e-9 * n:  # log-likelihood ~ 0: the outcome is separated, no MLE exists
+            return Recalibration(coef[0], coef[1], int(n), float(s[6]), norm, evaluations,
+                                 False, method)
         info = np.array([[s[3], s[4]], [s[4], s[5]]])
         try:
             step = np.linalg.solve(info, grad)

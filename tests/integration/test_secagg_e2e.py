@@ -42,6 +42,17 @@ def test_secagg_round_equals_fedavg_within_quantisation(small_phantom: Path,
         assert sec["pooled"][key] == pl["pooled"][key]
     assert abs(sec["pooled"]["threshold"] - pl["pooled"]["threshold"]) <= 1e-3
     assert sec["pooled"]["auc"] == pytest.approx(pl["pooled"]["auc"], abs=1e-3)
+    # recalibration under SecAgg+: no per-site Newton sums (they would reach the coordinator one
+    # site at a time); the fit uses the securely summed histograms ("binned")
+    rs, rp = sec["pooled"]["recalibration"], pl["pooled"]["recalibration"]
+    assert rs["method"] == "binned" and rp["method"] == "newton"
+    assert rs["n"] == rp["n"] == pl["pooled"]["n"]
+    if rs["converged"] and rp["converged"]:
+        assert rs["slope"] == pytest.approx(rp["slope"], rel=0.05)
+    audit = (tmp_path / "secagg" / "logs" / "audit-coordinator.jsonl").read_text()
+    assert "recalibration_sums" not in audit
+    assert "recalibration_sums" in (tmp_path / "plain" / "logs" /
+                                    "audit-coordinator.jsonl").read_text()
     hist = [json.loads(x) for x in (tmp_path / "secagg" / "history.jsonl").read_text()
             .splitlines()]
     assert {h["site"] for h in hist if h.get("secure_aggregation")} == {"site_A", "site_B",

@@ -123,3 +123,21 @@ def test_internal_vs_external_is_the_central_unpaired_delong_test() -> None:
             partial_auc(y_ext, p_ext, limits, focus, correct=True), abs=1e-12)
     assert internal_vs_external(block, {"auc": 0.7}) is None
     assert internal_vs_external(None, ext) is None
+
+
+def test_separated_predictions_spend_no_recalibration_message() -> None:
+    """A handful of validation patients that the score separates (typical of a local baseline):
+    the binned fit diverges, so no Newton message is sent and nothing is applied."""
+    parts = {"site_A": (np.array([0, 0, 1, 1.0]), np.array([0.41, 0.42, 0.6, 0.61])),
+             "site_B": (np.array([0, 1.0]), np.array([0.43, 0.59]))}
+    _, block = pooled_validation_probs(parts, ScoreGrid(), recalibrate=False)
+    asked: list[tuple[float, float]] = []
+
+    def ask(coef: tuple[float, float]) -> dict[str, Any]:
+        asked.append(coef)
+        return {}
+
+    assert recalibrate_pooled(block, ask, {"site_A": 4, "site_B": 2}) is None
+    assert asked == []
+    entry = block["pooled"]["recalibration"]
+    assert entry["applied"] is False and "separate" in entry["reason"]
