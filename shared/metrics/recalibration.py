@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import expit
 
-from hcc_fl.shared.metrics.classification import _logit
+from hcc_fl.shared.metrics.classification import _as_binary, _logit
 
 F64 = npt.NDArray[np.float64]
 SUMS_LENGTH = 7  # n, score (2), observed information (3 unique entries), log-likelihood
@@ -108,14 +108,9 @@ def site_recalibration_sums(y: npt.ArrayLike, prob: npt.ArrayLike,
     """One site's sums at ``coef = (intercept, slope)``: ``[n, sum (y - mu), sum (y - mu) x,
     sum w, sum w x, sum w x^2, loglik]`` with ``x = logit(p)``, ``mu = expit(a + b x)`` and
     ``w = mu (1 - mu)``."""
-    yy = np.asarray(y, dtype=np.float64).ravel()
-    p = np.asarray(prob, dtype=np.float64).ravel()
-    if yy.shape != p.shape:
-        raise ValueError(f"y has {yy.size} values but prob has {p.size}")
-    if not np.all(np.isin(yy, (0.0, 1.0))):
-        raise ValueError("y must contain only 0 and 1")
-    if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-        raise ValueError("probabilities must be finite and lie in [0, 1]")
+    yy, p = _as_binary(y, prob)
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError("probabilities must lie in [0, 1]")
     a, b = float(coef[0]), float(coef[1])
     if not (math.isfinite(a) and math.isfinite(b)):
         raise ValueError("recalibration coefficients must be finite")
