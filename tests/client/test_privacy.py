@@ -177,6 +177,8 @@ def test_ghost_clipping_gives_the_same_update_as_per_sample_hooks() -> None:
     """Without noise, both modes compute the same clipped mean gradient, so the same weights."""
     batch, label = _site(16)
     weights = {}
+    torch.manual_seed(0)
+    start = build_model("ki67_ceus", "tiny").state_dict()
     for mode in ("hooks", "ghost"):
         torch.manual_seed(0)
         model = build_model("ki67_ceus", "tiny")
@@ -187,5 +189,13 @@ def test_ghost_clipping_gives_the_same_update_as_per_sample_hooks() -> None:
                        lr=1e-2, weight_decay=0.0, noise_multiplier=0.0, max_grad_norm=0.05,
                        sample_rate=0.5, seed=3, grad_sample_mode=mode)
         weights[mode] = model.state_dict()
+    # float32 sums in another order differ by ~1e-7 relative; the optimiser's per-parameter
+    # normalisation can lift that to ~2e-5 in a weight whose gradient is near zero, so compare
+    # the whole update (a wrong clipping would differ by O(1)) and each weight to 1e-4
+    floats = [k for k, v in start.items() if v.is_floating_point()]
+    diff = sum(float(((weights["hooks"][k] - weights["ghost"][k]).double() ** 2).sum())
+               for k in floats)
+    step = sum(float(((weights["hooks"][k] - start[k]).double() ** 2).sum()) for k in floats)
+    assert step > 0 and (diff / step) ** 0.5 < 1e-4
     for k, v in weights["hooks"].items():
-        assert torch.allclose(v, weights["ghost"][k], atol=1e-5, rtol=1e-4), k
+        assert torch.allclose(v, weights["ghost"][k], atol=1e-4, rtol=1e-4), k
