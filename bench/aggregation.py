@@ -127,8 +127,7 @@ def main() -> None:
         s = build_strategy("fedavg", a.sites)
         s.setup_sites("bench", sites, list(sites), min_sites=1,  # type: ignore[attr-defined]
                       max_norm_ratio=10.0)
-        s._expected = {k: tuple(v.shape) for k, v in global_rec.items()}  # type: ignore[attr-defined]
-        s._global = {k: array_view(v) for k, v in global_rec.items()}  # type: ignore[attr-defined]
+        s.set_global(global_rec)  # type: ignore[attr-defined]
         arrays, _ = s.aggregate_train(1, replies)
         assert arrays is not None and not s.rejections  # type: ignore[attr-defined]
         return arrays

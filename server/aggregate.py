@@ -26,9 +26,8 @@ import torch
 
 from hcc_fl.shared.wire import NPY_STYPE, array_view, npy_view
 
-__all__ = ["NPY_STYPE", "all_finite", "array_view", "mean_and_distances", "npy_header",
-           "npy_view", "sq_distance", "weighted_mean"]
-
+__all__ = ["NPY_STYPE", "all_finite", "array_view", "coordinatewise", "mean_and_distances",
+           "npy_header", "npy_view", "sq_distance", "weighted_mean"]
 
 
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
@@ -103,7 +102,8 @@ def mean_and_distances(
         views = [first, *(u[key] for u in updates[1:])]
         shape = tuple(first.shape)
         if not all(np.issubdtype(v.dtype, np.floating) for v in views):
-            out.update(weighted_mean([{key: v} for v in views], weights))
+            out.update(weighted_mean([{key: v} for v in views], weights,
+                                     {key: dtypes[key]} if dtypes and key in dtypes else None))
             continue
         acc_dt = np.dtype(np.float64 if any(v.dtype == np.float64 for v in views)
                           else np.float32)
@@ -153,7 +153,8 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     Float keys are accumulated in float32 (float64 if an input is float64) in the output buffer
     itself, in the order given (fixed order: the result is reproducible); the output dtype is
     ``dtypes[key]`` when given (the global model's), else the accumulator's. Other dtypes
-    (integer counters) give the float64 weighted mean, as Flower's aggregation does."""
+    (integer counters) give the float64 weighted mean, as Flower's aggregation does, or, when
+    ``dtypes[key]`` is an integer dtype, the mean rounded to it (the global model's dtype)."""
     factors = _factors(updates, weights)
     out: dict[str, tuple[np.dtype[Any], tuple[int, ...], bytes]] = {}
     for key, first in updates[0].items():
@@ -164,6 +165,9 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
                        zip(views, factors, strict=True))
             arr = np.asarray(mean, dtype=np.float64)
             dt: np.dtype[Any] = np.dtype(np.float64)
+            if dtypes and key in dtypes and not np.issubdtype(dtypes[key], np.floating):
+                dt = np.dtype(dtypes[key])
+                arr = np.rint(arr).astype(dt)
         else:
             acc_dt = np.dtype(np.float64 if any(v.dtype == np.float64 for v in views)
                               else np.float32)
@@ -190,4 +194,54 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
                 out[key] = (dt, shape, header + acc.astype(dt).tobytes())
             continue
         out[key] = (dt, shape, npy_header(dt, shape) + arr.tobytes())
+    return out
+
+
+def coordinatewise(
+    updates: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float = 0.0,
+    dtypes: Mapping[str, np.dtype[Any]] | None = None, chunk: int = 1 << 16,
+) -> dict[str, tuple[np.dtype[Any], tuple[int, ...], bytes]]:
+    """Coordinate-wise ``median`` or ``trimmed_mean`` of the updates (each site one vote: the
+    robust rules ignore example counts), as ``key -> (dtype, shape, .npy bytes)``.
+
+    ``trimmed_mean`` drops the ``floor(trim_fraction * k)`` largest and smallest values of each
+    coordinate over the ``k`` updates and averages the rest. One pass: each key is walked in
+    chunks of ``chunk`` values, the updates' chunks copied into one ``k x chunk`` buffer and
+    reduced along the first axis with numpy (``np.median``; ``np.sort`` then the mean of the
+    kept rows), so the only model-sized allocation is the result. Accumulates in float32
+    (float64 if an input is); the output dtype is ``dtypes[key]`` when given (integer
+    counters rounded), else the accumulator's."""
+    if method not in ("median", "trimmed_mean"):
+        raise ValueError(f"unknown coordinate-wise rule {method!r}")
+    k = len(updates)
+    if k == 0:
+        raise ValueError("need at least one update")
+    cut = int(trim_fraction * k) if method == "trimmed_mean" else 0
+    if cut < 0 or k - 2 * cut < 1:
+        raise ValueError(f"trim_fraction {trim_fraction} leaves no update of {k}")
+    out: dict[str, tuple[np.dtype[Any], tuple[int, ...], bytes]] = {}
+    for key, first in updates[0].items():
+        views = [first.reshape(-1), *(u[key].reshape(-1) for u in updates[1:])]
+        shape = tuple(first.shape)
+        floats = all(np.issubdtype(v.dtype, np.floating) for v in views)
+        acc_dt = np.dtype(np.float32 if floats and not any(v.dtype == np.float64 for v in views)
+                          else np.float64)
+        dt = np.dtype(dtypes[key]) if dtypes and key in dtypes else acc_dt
+        n = math.prod(shape)
+        res = np.empty(n, dtype=acc_dt)
+        stack = np.empty((k, min(chunk, max(n, 1))), dtype=acc_dt)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            block = stack[:, :e - s]
+            for i, v in enumerate(views):
+                block[i] = v[s:e]
+            if method == "median":
+                np.median(block, axis=0, out=res[s:e])
+            else:
+                block.sort(axis=0)
+                np.mean(block[cut:k - cut], axis=0, out=res[s:e])
+        arr = res.reshape(shape)
+        if not np.issubdtype(dt, np.floating):
+            arr = np.rint(arr)
+        out[key] = (dt, shape, npy_header(dt, shape) + arr.astype(dt, copy=False).tobytes())
     return out

@@ -79,6 +79,22 @@ def check_config(cfg: dict[str, Any]) -> None:
     if float(fed.get("max_update_norm_ratio", 0)) < 0:
         raise ConfigError("federation.max_update_norm_ratio must be >= 0 (0 = off), got "
                           f"{fed['max_update_norm_ratio']}")
+    weight = fed.get("max_site_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+        raise ConfigError(f"federation.max_site_weight must be in (0, 1] (1 = off), got {weight!r}")
+    from hcc_fl.server.screen import check_aggregation
+
+    try:
+        check_aggregation(str(fed.get("aggregation", "mean")),
+                          float(fed.get("trim_fraction", 0.0)), len(fed["training_sites"]))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if fed.get("aggregation", "mean") != "mean" and (
+            (cfg.get("secure_aggregation") or {}).get("enabled")
+            or (cfg.get("privacy") or {}).get("mode") == "central-dp"):
+        raise ConfigError(f"federation.aggregation={fed['aggregation']} needs each site's "
+                          "update in the clear, unclipped: use aggregation=mean with secure "
+                          "aggregation or central DP")
     if int(fed["min_sites"]) > len(fed["training_sites"]):
         raise ConfigError(
             f"federation.min_sites={fed['min_sites']} exceeds the "

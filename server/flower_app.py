@@ -27,6 +27,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
+from hcc_fl.server.screen import check_pass1, check_pass2, declared_rows
 from hcc_fl.server.strategy import (
     CHECKPOINT_VERSION,
     CentralDP,
@@ -48,6 +49,7 @@ from hcc_fl.shared.evaluation import (
     finish_pass2,
     recalibrate_pooled,
     recalibration_of,
+    threshold_splits,
 )
 from hcc_fl.shared.jsonio import write_json
 from hcc_fl.shared.metrics.pooled import ScoreGrid
@@ -200,10 +202,19 @@ def discover_sites(
         time.sleep(poll_s)
 
 
+def _exclude(excluded: list[dict[str, Any]], site: str, step: str, reason: str) -> None:
+    """A training site whose validation sums failed a screen: left out of the pooled
+    statistics, named in the log, the audit log and the validation block."""
+    log.warning("%s of %s excluded from the pooled statistics: %s", step, site, reason)
+    AUDIT.record("excluded", type=step, peer=site,
+                 decision=f"excluded from the pooled statistics: {reason}")
+    excluded.append({"site": site, "step": step, "reason": reason})
+
+
 def pooled_validation(
     grid_: Grid, train_nodes: list[int], names: dict[int, str], final: ArrayRecord,
     grid: ScoreGrid, timeout: float, component: dict[str, str] | None = None,
-    recalibrate: bool = False,
+    recalibrate: bool = False, declared: dict[str, int] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Two passes of summed sufficient statistics over the training sites' validation split.
 
@@ -214,39 +225,65 @@ def pooled_validation(
     recalibration (``validation["pooled"]["recalibration"]``).
     ``component`` (config entries ``component``, ``components``, ``bundle``) selects another
     component of the task than the deep model.
+
+    Every site's sums are screened (:func:`hcc_fl.server.screen.check_pass1` against the rows
+    it declared for the threshold split, ``declared``: site -> rows; None = no bound, and
+    :func:`~hcc_fl.server.screen.check_pass2` against its pass-1 counts); a site whose sums
+    fail is excluded (``validation["excluded"]``). A site excluded in pass 2 had its histograms
+    in the broadcast pooled ones, so pass 1 is combined again without it and pass 2 repeated.
     """
     content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(dict(component or {}))})
     pass1: dict[str, dict[str, Any]] = {}
+    excluded: list[dict[str, Any]] = []
+    allowed = set(train_nodes)
     for reply in _query(grid_, train_nodes, R.ACTION_VALIDATION, content, timeout):
         site = names.get(reply.metadata.src_node_id, "?")
         if reply.has_error():
             log.warning("validation statistics failed at %s: %s", site, reply.error.reason)
             continue
-        m = reply.content[R.METRICS]
-        auc = float(cast(Any, m["auc"]))
-        pass1[site] = {
-            "pos": m["pos"], "neg": m["neg"], "calibration": m["calibration"],
-            "n": int(cast(Any, m["n"])), "n_pos": int(cast(Any, m["n-pos"])),
-            "loss": float(cast(Any, m["loss"])),
-            "auc": auc if np.isfinite(auc) else None,
-            "auc_ci": ([float(cast(Any, m["auc-lower"])), float(cast(Any, m["auc-upper"]))]
-                       if np.isfinite(auc) else None),
-        }
-    if not pass1:
-        raise FederationError("no training site returned validation statistics")
-    threshold, (pos, neg), validation = combine_pass1(pass1, grid)
-    content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(dict(component or {})),
-                          R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
-    vectors = []
-    responders = [n for n in train_nodes if names[n] in pass1]
-    for reply in _query(grid_, responders, R.ACTION_PLACEMENTS, content, timeout):
-        if reply.has_error():
-            log.warning("validation placements failed at %s: %s",
-                        names.get(reply.metadata.src_node_id), reply.error.reason)
+        if reply.metadata.src_node_id not in allowed or site in pass1:
             continue
-        vectors.append(np.asarray(reply.content[R.METRICS]["sums"], dtype=np.float64))
+        try:
+            bound = None if declared is None else declared.get(site, 0)
+            pass1[site] = check_pass1(reply.content[R.METRICS], grid.n_bins, bound)
+        except (KeyError, TypeError, ValueError) as exc:
+            _exclude(excluded, site, "validation sums", str(exc).strip("'\""))
+    vectors: dict[str, np.ndarray] = {}
+    while True:
+        if not pass1:
+            why = "; ".join(f"{e['site']}: {e['reason']}" for e in excluded)
+            raise FederationError("no training site returned valid validation statistics"
+                                  + (f" ({why})" if why else ""))
+        try:
+            threshold, (pos, neg), validation = combine_pass1(pass1, grid)
+        except ValueError as exc:
+            raise FederationError(f"pooled validation: {exc}") from None
+        content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(dict(component or {})),
+                              R.METRICS: MetricRecord({"pos": pos.tolist(),
+                                                       "neg": neg.tolist()})})
+        responders = [n for n in train_nodes if names[n] in pass1]
+        vectors, failed = {}, {}
+        for reply in _query(grid_, responders, R.ACTION_PLACEMENTS, content, timeout):
+            site = names.get(reply.metadata.src_node_id, "?")
+            if reply.has_error():
+                log.warning("validation placements failed at %s: %s", site, reply.error.reason)
+                continue
+            if site not in pass1 or site in vectors or site in failed:
+                continue
+            try:
+                vectors[site] = check_pass2(reply.content[R.METRICS]["sums"],
+                                            pass1[site]["n_pos"],
+                                            pass1[site]["n"] - pass1[site]["n_pos"])
+            except (KeyError, TypeError, ValueError) as exc:
+                failed[site] = str(exc).strip("'\"")
+        if not failed:
+            break
+        for site, reason in sorted(failed.items()):
+            _exclude(excluded, site, "placement sums", reason)
+            del pass1[site]
+    validation["excluded"] = excluded
     if vectors:
-        validation = finish_pass2(validation, vectors)
+        validation = finish_pass2(validation, [vectors[k] for k in sorted(vectors)])
     if recalibrate:
         counts = {site: int(v["n"]) for site, v in pass1.items()}
         by_name = {names[n]: n for n in responders}
@@ -261,7 +298,10 @@ def pooled_validation(
                 site = names.get(reply.metadata.src_node_id, "?")
                 if reply.has_error():
                     raise ValueError(f"{site} failed: {reply.error.reason}")
-                out[site] = reply.content[R.METRICS]["sums"]
+                try:
+                    out[site] = list(cast(Any, reply.content[R.METRICS]["sums"]))
+                except (KeyError, TypeError) as exc:
+                    raise ValueError(f"{site}: malformed recalibration sums ({exc})") from None
             return out
 
         fit = recalibrate_pooled(validation, ask, counts)
@@ -273,12 +313,18 @@ def pooled_validation(
 
 def secure_pooled_validation(
     strategy: Any, grid_: Grid, train_nodes: list[int], final: ArrayRecord, grid: ScoreGrid,
-    bound: float, rnd: int, timeout: float,
+    bound: float, rnd: int, timeout: float, declared: dict[str, int] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """The two pooled-validation passes through SecAgg+: only the sums over the training sites
     reach the coordinator (no per-site AUC or counts). ``bound`` (the largest site) scales the
-    sums into the quantiser's range; counts are rounded back to integers."""
+    sums into the quantiser's range; counts are rounded back to integers.
+
+    The sums can only be screened as a whole: finite, non-negative histograms whose total
+    equals the rows the contributing sites declared (``declared``: site -> rows) and the
+    placement counts of pass 1. A failing sum cannot be traced to a site under SecAgg+, so the
+    arm ends with a :class:`FederationError` naming the problem."""
     nb = grid.n_bins
+    survivors: list[int] = []
 
     def run(purpose: str, length: int, extra: RecordDict | None) -> np.ndarray:
         def content(node: int, entries: dict[str, Any]) -> RecordDict:
@@ -293,18 +339,34 @@ def secure_pooled_validation(
                                         [(1,), (length,)], timeout, 1.0)
         if out is None:
             raise FederationError(f"secure aggregation of the {purpose} failed")
-        _, weight_sum, mean, _ = out
-        return np.asarray(mean[0], dtype=np.float64) * weight_sum * bound
+        good, weight_sum, mean, _ = out
+        survivors[:] = sorted(good)
+        vec = np.asarray(mean[0], dtype=np.float64) * weight_sum * bound
+        if vec.shape != (length,) or not np.all(np.isfinite(vec)):
+            raise FederationError(f"the securely summed {purpose} are malformed or non-finite")
+        return vec
 
     v1 = run("validation_sums", 2 * nb + 33 + 3, None)  # histograms, calibration (11x3), n...
     counts = np.rint(v1[: 2 * nb])
     n, n_pos = int(round(v1[-3])), int(round(v1[-2]))
+    names = strategy.site_names
+    expected = (sum(declared.get(names.get(x, "?"), 0) for x in survivors)
+                if declared is not None else n)
+    if np.any(counts < 0) or counts.sum() != n or counts[:nb].sum() != n_pos or n != expected:
+        raise FederationError(
+            f"the securely summed validation sums are inconsistent (histograms count "
+            f"{counts.sum():g} patients, {counts[:nb].sum():g} cases; the sums say {n}, "
+            f"{n_pos}; the contributing sites declared {expected}): a site sent forged sums, "
+            "which secure aggregation cannot attribute")
     pooled = {"pos": counts[:nb], "neg": counts[nb:], "calibration": v1[2 * nb:-3],
               "n": n, "n_pos": n_pos, "loss": float(v1[-1] / max(n, 1)), "auc": None,
               "auc_ci": None}
     threshold, (pos, neg), validation = combine_pass1({"all sites (secure sum)": pooled}, grid)
     hist = RecordDict({R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
     v2 = run("validation_placements", 12, hist)
+    if round(v2[0]) != n_pos or round(v2[6]) != n - n_pos:
+        raise FederationError("the securely summed placement sums count other patients than "
+                              "the validation sums")
     return threshold, finish_pass2(validation, [v2])
 
 
@@ -324,14 +386,23 @@ def external_evaluation(
     return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
 
 
+def robust_settings(fed: dict[str, Any]) -> dict[str, Any]:
+    """The strategy's weight cap and aggregation rule from the federation block."""
+    return {"max_site_weight": float(fed.get("max_site_weight", 1.0)),
+            "aggregation": str(fed.get("aggregation", "mean")),
+            "trim_fraction": float(fed.get("trim_fraction", 0.0))}
+
+
 def pretrain_ssl(
     grid_: Grid, cfg: dict[str, Any], arm: str, arm_cfg: dict[str, Any], model: torch.nn.Module,
     names: dict[int, str], train_nodes: list[int], training: list[str],
+    sizes: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[ArrayRecord, list[dict[str, Any]]]:
     """Stage 1: federated self-supervised pretraining (Barlow Twins) of the task's encoder on
     the training sites' unlabelled patches, with the arm's strategy; the pretrained encoder is
     loaded into ``model`` (in place). Returns the model's weights and the stage's history
-    (arm ``<arm>:ssl``)."""
+    (arm ``<arm>:ssl``). ``sizes`` (site -> declared counts) bound the examples a site may
+    claim (its train and val patches)."""
     from hcc_fl.shared.models import build_ssl_model
 
     fed, ssl = cfg["federation"], cfg["task"]["ssl"]
@@ -343,7 +414,8 @@ def pretrain_ssl(
         f"{arm}:ssl", names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
         describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
-        training_sites=training,
+        training_sites=training, site_sizes=sizes, size_keys=("n-train", "n-val"),
+        **robust_settings(fed),
     )
     strategy.transfer = str(fed.get("transfer", "fp32"))  # type: ignore[attr-defined]
     stage = {"stage": "ssl"}
@@ -410,6 +482,19 @@ def main(grid_: Grid, context: Context) -> None:
         raise
 
 
+def validation_rows(sizes: dict[str, dict[str, Any]], splits: tuple[str, ...]
+                    ) -> dict[str, int]:
+    """Site -> the rows it declared for the threshold splits (0 when it declared none: every
+    sum it sends is then refused)."""
+    out = {}
+    for site, v in sizes.items():
+        try:
+            out[site] = declared_rows(v, splits)
+        except ValueError:
+            out[site] = 0
+    return out
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -455,11 +540,12 @@ def run_arm(grid_: Grid, context: Context) -> None:
     central_dp = privacy.get("mode") == "central-dp"
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
                               float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp)
+    sizes = {str(v["site"]): dict(v) for v in sites.values() if v["site"] in training}
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
         describe=lambda nodes: describe_nodes(grid_, nodes, timeout=60.0),
-        training_sites=training,
+        training_sites=training, site_sizes=sizes, **robust_settings(fed),
     )
     strategy.transfer = str(fed.get("transfer", "fp32"))  # type: ignore[attr-defined]
     strategy.insecure = bool(rc.get("insecure", False))  # type: ignore[attr-defined]
@@ -501,7 +587,7 @@ def run_arm(grid_: Grid, context: Context) -> None:
     ssl_history: list[dict[str, Any]] = []
     if ssl_on and first_round == 1:
         arrays, ssl_history = pretrain_ssl(grid_, cfg, arm, arm_cfg, model, names, train_nodes,
-                                           training)
+                                           training, sizes)
         if cfg["task"].get("finetune", "full") == "linear":
             train_config["freeze-encoder"] = 1
 
@@ -529,17 +615,20 @@ def run_arm(grid_: Grid, context: Context) -> None:
     timeout = float(fed["round_timeout_s"])
     train_nodes = list(strategy.training_nodes)  # type: ignore[attr-defined]
     names = dict(strategy.site_names)  # type: ignore[attr-defined]
+    declared = validation_rows(strategy.site_sizes,  # type: ignore[attr-defined]
+                               threshold_splits(str(cfg["evaluation"]["threshold_split"])))
     connected = set(grid_.get_node_ids())  # a restarted external site has a new node id
     ext_nodes = [n for n, s in names.items() if s == external and n in connected] or ext_nodes
     if sa.get("enabled"):
         bound = float(max(int(v["n-train"]) + int(v["n-val"]) for v in sites.values()
                           if v["site"] in training))
         threshold, validation = secure_pooled_validation(
-            strategy, grid_, train_nodes, final, grid, bound, int(fed["rounds"]) + 1, timeout)
+            strategy, grid_, train_nodes, final, grid, bound, int(fed["rounds"]) + 1, timeout,
+            declared)
     else:
         threshold, validation = pooled_validation(
             grid_, train_nodes, names, final, grid, timeout,
-            recalibrate=bool(cfg["evaluation"].get("recalibration", True)))
+            recalibrate=bool(cfg["evaluation"].get("recalibration", True)), declared=declared)
     comps = TaskComponents.from_task_config(cfg["task"])
     states: dict[str, TabularState] = {}
     thresholds = {comps.deep: threshold}
@@ -556,7 +645,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
         for name in comps.names[1:]:
             thresholds[name], component_validation[name] = pooled_validation(
                 grid_, train_nodes, names, final, grid, timeout,
-                {"component": name, "components": comps_json, "bundle": main_bundle})
+                {"component": name, "components": comps_json, "bundle": main_bundle},
+                declared=declared)
         extra = {"thresholds": json.dumps(thresholds), "components": comps_json,
                  "bundle": json.dumps({k: st.to_bundle() for k, st in states.items()})}
     fit = (recalibration_of(validation)

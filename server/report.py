@@ -2,25 +2,64 @@
 
 Reads only the run directory (``metrics.json``, ``history.jsonl``, ``config.json``): aggregate
 statistics, never patient-level data.
+
+Every value read is treated as data, never as markup: the page is rendered by Jinja2 with
+autoescaping, and every HTML fragment built here is a ``markupsafe.Markup`` template whose
+arguments are escaped when interpolated (:func:`_h`); numbers go through :func:`_f`, which
+formats a real number as a number and escapes anything else (a string where a number was
+expected shows as text). A plot whose data are not numbers is left out with a note.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
+from markupsafe import Markup, escape
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from hcc_fl.shared.tasks import TASKS  # noqa: E402
+
+log = logging.getLogger(__name__)
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+_TABLE = _ENV.from_string(
+    "<table><thead><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>"
+    "{% for r in rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}"
+    "</tbody></table>")
+_FIGURE = _ENV.from_string('<figure><img class="plot" alt="{{ caption }}" src="{{ src }}">'
+                           "<figcaption>{{ caption }}</figcaption></figure>")
+_PAGE = _ENV.from_string(
+    "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+    "<title>hcc-fl report {{ run_name }}</title><style>{{ css }}</style></head>"
+    "<body>{{ body }}{{ script }}</body></html>")
+# Our own script (the only one on the page): counts the decoded images for the tests.
+_SCRIPT = Markup(
+    "<script>window.addEventListener('load',function(){var ok=0;"
+    "for(var i of document.images){if(i.complete&&i.naturalWidth>0){ok++;}}"
+    "document.body.setAttribute('data-rendered-images',ok);"
+    "document.body.setAttribute('data-images',document.images.length);});</script>")
+
+
+def _h(template: str, *args: Any, **kwargs: Any) -> Markup:
+    """An HTML fragment: ``template`` is trusted markup written here, every argument is
+    escaped unless it is already a fragment (``Markup``)."""
+    return Markup(template).format(*args, **kwargs)
+
+
+def _join(parts: Any, sep: str = "") -> Markup:
+    """Fragments joined (plain strings among them are escaped)."""
+    return Markup(sep).join(parts)
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -45,31 +84,59 @@ def _png(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(src: str, caption: str) -> str:
-    return (f'<figure><img class="plot" alt="{html.escape(caption)}" src="{src}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+def _figure(src: str, caption: Any) -> Markup:
+    if not src.startswith("data:image/png;base64,"):
+        raise ValueError("a figure's source must be an embedded PNG")
+    return Markup(_FIGURE.render(src=src, caption=str(caption)))
 
 
-def _f(x: Any, digits: int = 3) -> str:
+def _f(x: Any, digits: int = 3) -> Markup:
+    """A number formatted as a number (floats to ``digits`` places, integers as they are);
+    None as n/a; anything else (a string where a number was expected) escaped as text."""
     if x is None:
-        return "n/a"
+        return Markup("n/a")
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return html.escape(str(x))
+        return Markup(f"{x:.{digits}f}")
+    if isinstance(x, int) and not isinstance(x, bool):
+        return Markup(str(x))
+    return escape(str(x))
 
 
-def _ci(v: Any, ci: Any) -> str:
+def _num(x: Any) -> float | None:
+    """``x`` as a float when it is a real number, else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def _ci(v: Any, ci: Any) -> Markup:
     if v is None:
-        return "n/a"
-    if not ci or None in ci:
+        return Markup("n/a")
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or None in ci:
         return _f(v)
-    return f"{_f(v)} ({_f(ci[0])} to {_f(ci[1])})"
+    return _h("{} ({} to {})", _f(v), _f(ci[0]), _f(ci[1]))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _diff(a: Any, b: Any) -> Any:
+    """``a - b`` of two AUCs (None read as 0), or n/a when either is not a number."""
+    x, y = _num(a if a is not None else 0.0), _num(b if b is not None else 0.0)
+    return None if x is None or y is None else x - y
+
+
+def _table(header: list[Any], rows: list[list[Any]]) -> Markup:
+    """A table; every cell is escaped unless it is a fragment (``Markup``)."""
+    return Markup(_TABLE.render(header=header, rows=rows))
+
+
+def _plot(make: Callable[..., str | None], *args: Any) -> str | None:
+    """A plot, or None when its data are not what a plot needs (e.g. strings for numbers)."""
+    try:
+        return make(*args)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError,
+            ZeroDivisionError) as exc:
+        plt.close("all")
+        log.warning("report: a %s was left out: %s", make.__name__.strip("_"), exc)
+        return None
 
 
 # ----------------------------------------------------------------------------- plots
@@ -171,6 +238,11 @@ def _training_plot(history: list[dict[str, Any]]) -> str | None:
 # ----------------------------------------------------------------------------- page
 def build_report(run_dir: Path) -> str:
     """Render the report of ``run_dir`` as one HTML string."""
+    with matplotlib.rc_context({"text.parse_math": False}):  # labels are text, not TeX
+        return _build_report(run_dir)
+
+
+def _build_report(run_dir: Path) -> str:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
     hist_path = run_dir / "history.jsonl"
@@ -178,25 +250,22 @@ def build_report(run_dir: Path) -> str:
                if hist_path.exists() else [])
     ext: dict[str, Any] = metrics.get("external", {})
     task = TASKS.get(metrics["task"])
-    parts: list[str] = [
-        f"<h1>hcc-fl study report: {html.escape(metrics['task'])}</h1>",
-        f'<p class="sub">run {html.escape(metrics["run_name"])} &middot; '
-        f'{html.escape(metrics.get("created", ""))} &middot; hcc-fl '
-        f'{html.escape(metrics.get("code_version", ""))}</p>',
+    parts: list[Markup] = [
+        _h("<h1>hcc-fl study report: {}</h1>", metrics["task"]),
+        _h('<p class="sub">run {} &middot; {} &middot; hcc-fl {}</p>', metrics["run_name"],
+           metrics.get("created", ""), metrics.get("code_version", "")),
     ]
     first: dict[str, Any] = next(iter(ext.values()), {})
-    parts.append("<h2>External site</h2>")
-    parts.append(
-        f"<p>{html.escape(str(metrics['external_site']))}: n = {first.get('n')}, "
-        f"{first.get('n_pos')} cases. {html.escape(metrics.get('threshold_rule', ''))}. "
-        "AUC with DeLong 95 % CI; sensitivity, specificity and accuracy with percentile-"
-        "bootstrap 95 % CIs.</p>"
-    )
+    parts.append(Markup("<h2>External site</h2>"))
+    parts.append(_h(
+        "<p>{}: n = {}, {} cases. {}. AUC with DeLong 95 % CI; sensitivity, specificity and "
+        "accuracy with percentile-bootstrap 95 % CIs.</p>", metrics["external_site"],
+        _f(first.get("n")), _f(first.get("n_pos")), metrics.get("threshold_rule", "")))
     rows = []
     for arm, e in ext.items():
         cal = e.get("calibration") or {}
         rows.append([
-            html.escape(arm), _ci(e.get("auc"), e.get("auc_ci")), _f(e.get("threshold")),
+            arm, _ci(e.get("auc"), e.get("auc_ci")), _f(e.get("threshold")),
             _ci(e.get("sensitivity"), e.get("sensitivity_ci")),
             _ci(e.get("specificity"), e.get("specificity_ci")),
             _ci(e.get("accuracy"), e.get("accuracy_ci")), _f(e.get("ppv")), _f(e.get("npv")),
@@ -205,12 +274,12 @@ def build_report(run_dir: Path) -> str:
     parts.append(_table(["arm", "AUC (95% CI)", "threshold", "sensitivity", "specificity",
                          "accuracy", "PPV", "NPV", "Brier", "cal. slope"], rows))
     deep = {a: e for a, e in ext.items() if "/" not in a}
-    plots = [p for p in (_roc_plot(deep), _calibration_plot(deep), _decision_plot(deep)) if p]
-    captions = ["ROC curves of every arm on the external site",
-                "Calibration of every arm on the external site",
-                "Decision curves (net benefit) on the external site"]
-    parts.append('<div class="grid">' + "".join(
-        _figure(p, c) for p, c in zip(plots, captions, strict=False)) + "</div>")
+    plots = [(p, c) for p, c in (
+        (_plot(_roc_plot, deep), "ROC curves of every arm on the external site"),
+        (_plot(_calibration_plot, deep), "Calibration of every arm on the external site"),
+        (_plot(_decision_plot, deep), "Decision curves (net benefit) on the external site"),
+    ) if p]
+    parts.append(_h('<div class="grid">{}</div>', _join(_figure(p, c) for p, c in plots)))
     parts.extend(_recalibration_section(metrics, cfg))
     parts.extend(_components_section(metrics))
     parts.extend(_segmentation_and_cox_section(metrics))
@@ -219,55 +288,63 @@ def build_report(run_dir: Path) -> str:
     parts.extend(_transport_section(metrics))
     comps = metrics.get("comparisons") or []
     if comps:
-        parts.append("<h2>Baseline comparison (paired DeLong tests, external site)</h2>")
+        parts.append(Markup("<h2>Baseline comparison (paired DeLong tests, external site)</h2>"))
         parts.append(_table(
             ["model A", "model B", "AUC A", "AUC B", "difference (95% CI)", "z", "p"],
-            [[html.escape(c["a"]), html.escape(c["b"]), _f(c["auc_a"]), _f(c["auc_b"]),
-              _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")), _f(c["z"], 2),
+            [[c["a"], c["b"], _f(c["auc_a"]), _f(c["auc_b"]),
+              _ci(_diff(c["auc_a"], c["auc_b"]), c.get("ci_diff")), _f(c["z"], 2),
               _f(c["p_value"], 4)] for c in comps]))
 
     surv_rows, surv_plots = [], []
     primary = metrics.get("model", {}).get("arm")
     for arm, e in ext.items():
         for endpoint, block in (e.get("survival") or {}).items():
-            surv_rows.append([html.escape(arm), html.escape(ENDPOINTS.get(endpoint, endpoint)),
-                              str(block.get("n_high")),
-                              str(block.get("n_low")), _f(block.get("statistic"), 2),
+            surv_rows.append([arm, ENDPOINTS.get(endpoint, endpoint), _f(block.get("n_high")),
+                              _f(block.get("n_low")), _f(block.get("statistic"), 2),
                               _f(block.get("p_value"), 4)])
             if arm == primary:
-                src = _km_plot(arm, endpoint, block)
+                src = _plot(_km_plot, arm, endpoint, block)
                 if src:
                     name = ENDPOINTS.get(endpoint, endpoint)
                     surv_plots.append(_figure(src, f"Kaplan-Meier: {name}, {arm}"))
     if surv_rows:
-        parts.append("<h2>Prognosis: survival by risk group (external site)</h2>")
-        parts.append("<p>Patients are split at the training Youden threshold of each arm's "
-                     "score; Kaplan-Meier with 95 % CIs; log-rank test.</p>")
+        parts.append(Markup("<h2>Prognosis: survival by risk group (external site)</h2>"))
+        parts.append(Markup("<p>Patients are split at the training Youden threshold of each "
+                            "arm's score; Kaplan-Meier with 95 % CIs; log-rank test.</p>"))
         parts.append(_table(["arm", "endpoint", "n high", "n low", "log-rank chi2", "p"],
                             surv_rows))
-        parts.append('<div class="grid">' + "".join(surv_plots) + "</div>")
+        parts.append(_h('<div class="grid">{}</div>', _join(surv_plots)))
 
     val = metrics.get("validation") or {}
     if val:
-        parts.append("<h2>Training sites: validation (per site and pooled)</h2>")
-        parts.append('<p class="note">Pooled values come from summed sufficient statistics '
-                     "(score histograms, placement sums); no per-patient score left a site.</p>")
+        parts.append(Markup("<h2>Training sites: validation (per site and pooled)</h2>"))
+        parts.append(Markup(
+            '<p class="note">Pooled values come from summed sufficient statistics (score '
+            "histograms, placement sums); no per-patient score left a site.</p>"))
         rows = []
+        excluded: list[tuple[str, dict[str, Any]]] = []
         for arm, block in val.items():
             for site, v in block.get("per_site", {}).items():
-                rows.append([html.escape(arm), html.escape(site), _ci(v.get("auc"),
-                             v.get("auc_ci")), str(v.get("n")), str(v.get("n_pos")), "", ""])
+                rows.append([arm, site, _ci(v.get("auc"), v.get("auc_ci")), _f(v.get("n")),
+                             _f(v.get("n_pos")), "", ""])
             pooled = block.get("pooled", {})
-            rows.append([html.escape(arm), "<b>pooled</b>",
-                         _ci(pooled.get("auc"), pooled.get("auc_ci")), str(pooled.get("n")),
-                         str(pooled.get("n_pos")), _f(pooled.get("threshold")),
+            rows.append([arm, Markup("<b>pooled</b>"),
+                         _ci(pooled.get("auc"), pooled.get("auc_ci")), _f(pooled.get("n")),
+                         _f(pooled.get("n_pos")), _f(pooled.get("threshold")),
                          _f(pooled.get("brier"))])
+            excluded.extend((arm, x) for x in block.get("excluded") or [])
         parts.append(_table(["arm", "site", "AUC (95% CI)", "n", "cases", "Youden threshold",
                              "Brier"], rows))
+        if excluded:
+            parts.append(Markup('<p class="note">Sites whose sums failed the coordinator\'s '
+                                "checks, left out of the pooled statistics:</p>"))
+            parts.append(_table(["arm", "site", "step", "reason"],
+                                [[arm, x.get("site"), x.get("step"), x.get("reason")]
+                                 for arm, x in excluded]))
 
-    tp = _training_plot(history)
+    tp = _plot(_training_plot, history)
     if tp:
-        parts.append("<h2>Training curves</h2>")
+        parts.append(Markup("<h2>Training curves</h2>"))
         parts.append(_figure(tp, "Per-round (federated) or per-epoch (baselines) training loss "
                                  "and validation AUC per site"))
 
@@ -276,37 +353,43 @@ def build_report(run_dir: Path) -> str:
         f"{a['name']}" + (f" (mu={a['proximal_mu']})" if a.get("proximal_mu") else "")
         for a in cfg["strategy"]["arms"])
     card = [
-        ["task", html.escape(f"{metrics['task']}: {task.description}" if task
-                             else metrics["task"])],
-        ["seed paper", html.escape(task.seed_paper if task else "")],
-        ["model profile", html.escape(cfg["model"]["profile"])],
-        ["federated strategies", html.escape(arms_desc)],
+        ["task", f"{metrics['task']}: {task.description}" if task else metrics["task"]],
+        ["seed paper", task.seed_paper if task else ""],
+        ["model profile", cfg["model"]["profile"]],
+        ["federated strategies", arms_desc],
         ["rounds x local epochs", f"{fed['rounds']} x {fed['local_epochs']}"],
-        ["baselines", html.escape(", ".join(a for a in deep if a not in
-                                            [x["name"] for x in cfg["strategy"]["arms"]]))],
-        ["privacy", html.escape(_privacy_text(metrics.get("privacy") or {},
-                                              _secure_aggregation(metrics)))],
-        ["seed", str(cfg["seed"])],
-        ["code version", html.escape(metrics.get("code_version", ""))],
+        ["baselines", ", ".join(a for a in deep if a not in
+                                [x["name"] for x in cfg["strategy"]["arms"]])],
+        ["privacy", _privacy_text(metrics.get("privacy") or {}, _secure_aggregation(metrics))],
+        ["aggregation", _aggregation_text(fed)],
+        ["seed", cfg["seed"]],
+        ["code version", metrics.get("code_version", "")],
     ]
-    parts.append("<h2>Model card</h2>")
+    parts.append(Markup("<h2>Model card</h2>"))
     parts.append(_table(["", ""], card))
     parts.append(_table(
         ["site", "role", "train", "val", "test", "manifest SHA-256"],
-        [[html.escape(s["site"]), html.escape(s["role"]), str(s.get("n_train")),
-          str(s.get("n_val")), str(s.get("n_test")),
-          html.escape(str(s.get("manifest_sha256", ""))[:16])]
+        [[s["site"], s["role"], _f(s.get("n_train")), _f(s.get("n_val")), _f(s.get("n_test")),
+          str(s.get("manifest_sha256", ""))[:16]]
          for s in metrics.get("sites", [])]))
-    script = ("<script>window.addEventListener('load',function(){var ok=0;"
-              "for(var i of document.images){if(i.complete&&i.naturalWidth>0){ok++;}}"
-              "document.body.setAttribute('data-rendered-images',ok);"
-              "document.body.setAttribute('data-images',document.images.length);});</script>")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>hcc-fl report {html.escape(metrics['run_name'])}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}{script}</body></html>")
+    return _PAGE.render(run_name=str(metrics["run_name"]), css=Markup(CSS), body=_join(parts),
+                        script=_SCRIPT)
 
 
-def _transport_section(metrics: dict[str, Any]) -> list[str]:
+def _aggregation_text(fed: dict[str, Any]) -> str:
+    """One line for the model card: how the coordinator combined and screened the updates."""
+    rule = str(fed.get("aggregation", "mean"))
+    how = {"mean": "weighted mean (FedAvg)", "median": "coordinate-wise median",
+           "trimmed_mean": f"coordinate-wise trimmed mean ({fed.get('trim_fraction')} cut at "
+                           "each end)"}.get(rule, rule)
+    cap = fed.get("max_site_weight", 1.0)
+    ratio = fed.get("max_update_norm_ratio", 0)
+    return (f"{how}; largest site share {cap}" + (" (off)" if cap == 1 else "")
+            + f"; update norm bound {ratio} x the reference scale" + (" (off)" if not ratio
+                                                                      else ""))
+
+
+def _transport_section(metrics: dict[str, Any]) -> list[Markup]:
     """Pooled internal validation against the external site: the unpaired DeLong test of the
     two AUCs and the standardised partial AUCs of both."""
     tests = metrics.get("internal_vs_external") or {}
@@ -319,27 +402,30 @@ def _transport_section(metrics: dict[str, Any]) -> list[str]:
         t = tests.get(arm)
         pv, pe = pooled.get("partial_auc") or {}, e.get("partial_auc") or {}
         cells = ([_f(t["auc_internal"]), _f(t["auc_external"]),
-                  _ci(t["auc_internal"] - t["auc_external"], t["ci_diff"]), _f(t["statistic"], 2),
+                  _ci(_diff(t["auc_internal"], t["auc_external"]), t["ci_diff"]),
+                  _f(t["statistic"], 2),
                   _f(t["df"], 1), _f(t["p_value"], 4)] if t else
                  [_f(pooled.get("auc")), _f(e.get("auc")), "n/a", "n/a", "n/a", "n/a"])
-        rows.append([html.escape(arm), *cells,
-                     f"{_f(pv.get('specificity_0.8_1'))} / {_f(pe.get('specificity_0.8_1'))}",
-                     f"{_f(pv.get('sensitivity_0.8_1'))} / {_f(pe.get('sensitivity_0.8_1'))}"])
+        rows.append([arm, *cells,
+                     _h("{} / {}", _f(pv.get("specificity_0.8_1")),
+                        _f(pe.get("specificity_0.8_1"))),
+                     _h("{} / {}", _f(pv.get("sensitivity_0.8_1")),
+                        _f(pe.get("sensitivity_0.8_1")))])
     if not rows:
         return []
     return [
-        "<h2>Internal validation against the external site</h2>",
-        "<p>Unpaired DeLong test (pROC's <code>roc.test(paired = FALSE)</code>: Student t with "
-        "Welch-Satterthwaite df) of the pooled training-site validation AUC, from summed placement "
-        "sums, against the external site's AUC, from its own summary. Partial AUCs over "
+        Markup("<h2>Internal validation against the external site</h2>"),
+        Markup("<p>Unpaired DeLong test (pROC's <code>roc.test(paired = FALSE)</code>: Student "
+        "t with Welch-Satterthwaite df) of the pooled training-site validation AUC, from summed "
+        "placement sums, against the external site's AUC, from its own summary. Partial AUCs over "
         "specificity 0.8-1 and sensitivity 0.8-1, McClish-standardised (0.5 = chance, 1 = "
-        "perfect), pooled validation / external.</p>",
+        "perfect), pooled validation / external.</p>"),
         _table(["arm", "AUC internal", "AUC external", "difference (95% CI)", "D", "df", "p",
                 "pAUC spec. 0.8-1", "pAUC sens. 0.8-1"], rows),
     ]
 
 
-def _recalibration_section(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+def _recalibration_section(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[Markup]:
     """Calibration of every deep arm on the external site before and after the federated
     logistic recalibration, with the fitted coefficients (or why none was applied)."""
     ext = {a: e for a, e in (metrics.get("external") or {}).items() if "/" not in a}
@@ -357,48 +443,49 @@ def _recalibration_section(metrics: dict[str, Any], cfg: dict[str, Any]) -> list
             cal = rec.get("calibration") or {}
             after[arm] = rec
             rows.append([
-                html.escape(arm), _f(coef.get("intercept")), _f(coef.get("slope")),
-                html.escape(f"{coef.get('method')}, n = {coef.get('n')}, "
-                            f"{coef.get('iterations')} evaluations"),
-                f"{_f(e.get('auc'))} / {_f(rec.get('auc'))}",
-                f"{_f(before.get('slope'), 2)} &rarr; {_f(cal.get('slope'), 2)}",
-                f"{_f(before.get('intercept_in_the_large'), 2)} &rarr; "
-                f"{_f(cal.get('intercept_in_the_large'), 2)}",
-                f"{_f(before.get('brier'))} &rarr; {_f(cal.get('brier'))}",
-                f"{_f(e.get('threshold'))} &rarr; {_f(rec.get('threshold'))}",
+                arm, _f(coef.get("intercept")), _f(coef.get("slope")),
+                _h("{}, n = {}, {} evaluations", coef.get("method"), _f(coef.get("n")),
+                   _f(coef.get("iterations"))),
+                _h("{} / {}", _f(e.get("auc")), _f(rec.get("auc"))),
+                _h("{} &rarr; {}", _f(before.get("slope"), 2), _f(cal.get("slope"), 2)),
+                _h("{} &rarr; {}", _f(before.get("intercept_in_the_large"), 2),
+                   _f(cal.get("intercept_in_the_large"), 2)),
+                _h("{} &rarr; {}", _f(before.get("brier")), _f(cal.get("brier"))),
+                _h("{} &rarr; {}", _f(e.get("threshold")), _f(rec.get("threshold"))),
             ])
         else:
             reason = (fit or {}).get("reason") or "not sent to the external site"
-            rows.append([html.escape(arm), _f((fit or {}).get("intercept")),
+            rows.append([arm, _f((fit or {}).get("intercept")),
                          _f((fit or {}).get("slope")),
-                         html.escape(f"not applied: {reason}"), _f(e.get("auc")),
+                         f"not applied: {reason}", _f(e.get("auc")),
                          _f(before.get("slope"), 2), _f(before.get("intercept_in_the_large"), 2),
                          _f(before.get("brier")), _f(e.get("threshold"))])
     if not rows:
         return []
-    split = html.escape(str((cfg.get("evaluation") or {}).get("threshold_split", "val")))
+    split = str((cfg.get("evaluation") or {}).get("threshold_split", "val"))
     out = [
-        "<h2>Recalibration (external site, before &rarr; after)</h2>",
-        "<p>Logistic recalibration <i>p</i>' = expit(<i>a</i> + <i>b</i> logit <i>p</i>), fitted "
-        f"on the pooled training-site '{split}' predictions by Newton steps on summed site sums "
+        Markup("<h2>Recalibration (external site, before &rarr; after)</h2>"),
+        _h("<p>Logistic recalibration <i>p</i>' = expit(<i>a</i> + <i>b</i> logit <i>p</i>), "
+        "fitted on the pooled training-site '{}' predictions by Newton steps on summed site sums "
         "(<code>newton</code>; <code>binned</code>: on the pooled score histograms, under "
         "secure aggregation), then applied by the external site to its own scores. With "
         "<i>b</i> &gt; 0 the ranks are unchanged: the AUC (before / after) and the patients "
         "above the mapped threshold stay the same; calibration slope (ideal 1), "
         "calibration-in-the-large (ideal 0), Brier score and the decision curve change.</p>",
+           split),
         _table(["arm", "a", "b", "fit", "AUC before / after", "cal. slope",
                 "cal.-in-the-large", "Brier", "threshold"], rows),
     ]
     plots = [(p, c) for p, c in (
-        (_calibration_plot(after), "Calibration after recalibration, external site"),
-        (_decision_plot(after), "Decision curves after recalibration, external site"),
+        (_plot(_calibration_plot, after), "Calibration after recalibration, external site"),
+        (_plot(_decision_plot, after), "Decision curves after recalibration, external site"),
     ) if p]
     if plots:
-        out.append('<div class="grid">' + "".join(_figure(p, c) for p, c in plots) + "</div>")
+        out.append(_h('<div class="grid">{}</div>', _join(_figure(p, c) for p, c in plots)))
     return out
 
 
-def _components_section(metrics: dict[str, Any]) -> list[str]:
+def _components_section(metrics: dict[str, Any]) -> list[Markup]:
     """The task's models compared within each arm: paired DeLong tests, the primary arm's ROC,
     calibration and decision curves per model, re-split robustness and selected features."""
     block = metrics.get("components") or {}
@@ -408,16 +495,15 @@ def _components_section(metrics: dict[str, Any]) -> list[str]:
     ext = metrics.get("external", {})
     deep = block["deep"]
     primary = metrics.get("model", {}).get("arm")
-    parts = ["<h2>The task's models compared (external site)</h2>",
-             f"<p>Models: {html.escape(', '.join(names))}. Each has its own Youden threshold "
-             "from the pooled training-site validation sums; DeLong tests are paired (same "
-             "external patients) and run at the external site.</p>"]
+    parts = [Markup("<h2>The task's models compared (external site)</h2>"),
+             _h("<p>Models: {}. Each has its own Youden threshold from the pooled "
+                "training-site validation sums; DeLong tests are paired (same external "
+                "patients) and run at the external site.</p>", ", ".join(map(str, names)))]
     rows = []
     for arm, comps in (block.get("comparisons") or {}).items():
         for c in comps:
-            rows.append([html.escape(arm), html.escape(c["a"]), html.escape(c["b"]),
-                         _f(c["auc_a"]), _f(c["auc_b"]),
-                         _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")),
+            rows.append([arm, c["a"], c["b"], _f(c["auc_a"]), _f(c["auc_b"]),
+                         _ci(_diff(c["auc_a"], c["auc_b"]), c.get("ci_diff")),
                          _f(c.get("z"), 2), _f(c.get("p_value"), 4)])
     if rows:
         parts.append(_table(["arm", "model A", "model B", "AUC A", "AUC B",
@@ -426,74 +512,75 @@ def _components_section(metrics: dict[str, Any]) -> list[str]:
         sub = {(deep if n == deep else n): ext.get(primary if n == deep else f"{primary}/{n}")
                for n in names}
         sub = {n: e for n, e in sub.items() if e}
-        plots = [(_roc_plot(sub), f"ROC of each model, {primary} arm"),
-                 (_calibration_plot(sub), f"Calibration of each model, {primary} arm"),
-                 (_decision_plot(sub), f"Decision curves of each model, {primary} arm")]
-        parts.append('<div class="grid">' + "".join(
-            _figure(p, c) for p, c in plots if p) + "</div>")
+        plots = [(_plot(_roc_plot, sub), f"ROC of each model, {primary} arm"),
+                 (_plot(_calibration_plot, sub), f"Calibration of each model, {primary} arm"),
+                 (_plot(_decision_plot, sub), f"Decision curves of each model, {primary} arm")]
+        parts.append(_h('<div class="grid">{}</div>',
+                        _join(_figure(p, c) for p, c in plots if p)))
     robust = block.get("robustness") or {}
     if robust:
-        parts.append(f"<h3>Robustness: {block.get('resplits')} seeded re-splits of the "
-                     "training sites' train/validation rows</h3>")
-        parts.append('<p class="note">Each re-split refits the tabular models federated; the '
-                     "external AUC of every refit is reported.</p>")
+        parts.append(_h("<h3>Robustness: {} seeded re-splits of the training sites' "
+                        "train/validation rows</h3>", _f(block.get("resplits"))))
+        parts.append(Markup('<p class="note">Each re-split refits the tabular models '
+                            "federated; the external AUC of every refit is reported.</p>"))
         parts.append(_table(
             ["arm", "model", "mean AUC", "SD", "min", "max", "AUCs"],
-            [[html.escape(arm), html.escape(name), _f(r.get("mean")), _f(r.get("sd")),
+            [[arm, name, _f(r.get("mean")), _f(r.get("sd")),
               _f(r.get("min")), _f(r.get("max")),
-              ", ".join(_f(a) for a in r.get("auc", []))]
+              _join((_f(a) for a in r.get("auc", [])), ", ")]
              for arm, per in robust.items() for name, r in per.items()]))
     tab = (block.get("tabular") or {}).get(primary or "", {})
     if tab:
-        parts.append(f"<h3>Selected features ({html.escape(str(primary))} arm)</h3>")
+        parts.append(_h("<h3>Selected features ({} arm)</h3>", str(primary)))
         rows = []
         for k, t in tab.items():
             sel = t.get("selected", [])
-            shown = ", ".join(f"{html.escape(x['feature'])} ({x['coef']:+.2f})"
-                              for x in sel[:12])
+            shown = _join((_h("{} ({})", x["feature"], _signed(x["coef"])) for x in sel[:12]),
+                          ", ")
             more = f" and {len(sel) - 12} more" if len(sel) > 12 else ""
-            rows.append([html.escape(k.split("@")[0]), html.escape(t["spec"]["penalty"]),
-                         _f(t["spec"]["alpha"], 3), f"{len(sel)} / {t.get('n_features')}",
+            rows.append([k.split("@")[0], t["spec"]["penalty"],
+                         _f(t["spec"]["alpha"], 3), _h("{} / {}", len(sel),
+                                                       _f(t.get("n_features"))),
                          shown + more])
         parts.append(_table(["model", "penalty", "alpha", "selected", "largest coefficients "
                              "(standardised)"], rows))
     return parts
 
 
-def _segmentation_and_cox_section(metrics: dict[str, Any]) -> list[str]:
+def _segmentation_and_cox_section(metrics: dict[str, Any]) -> list[Markup]:
     """Liver segmentation (Dice per time point) and the Cox models (C-index, hazard ratios,
     risk by the horizon) on the external site, when the task has them."""
     ext = {a: e for a, e in metrics.get("external", {}).items() if "/" not in a}
-    parts: list[str] = []
+    parts: list[Markup] = []
     seg = [(a, e["segmentation"]) for a, e in ext.items() if e.get("segmentation")]
     if seg:
-        parts.append("<h2>Liver segmentation (external site)</h2>")
-        parts.append("<p>Dice of the predicted liver mask (probability &ge; 0.5) per patient; "
-                     "mean with percentile-bootstrap 95 % CI over patients.</p>")
+        parts.append(Markup("<h2>Liver segmentation (external site)</h2>"))
+        parts.append(Markup("<p>Dice of the predicted liver mask (probability &ge; 0.5) per "
+                            "patient; mean with percentile-bootstrap 95 % CI over patients.</p>"))
         parts.append(_table(
             ["arm", "n", "Dice T0 (95% CI)", "SD T0", "Dice T1 (95% CI)", "SD T1"],
-            [[html.escape(a), str(b["n"]), _ci(b["t0"]["mean"], b["t0"]["ci"]),
+            [[a, _f(b["n"]), _ci(b["t0"]["mean"], b["t0"]["ci"]),
               _f(b["t0"]["sd"]), _ci(b["t1"]["mean"], b["t1"]["ci"]), _f(b["t1"]["sd"])]
              for a, b in seg]))
     surv = [(a, e["survival_models"]) for a, e in ext.items() if e.get("survival_models")]
     if surv:
         first = surv[0][1]
-        parts.append("<h2>Survival models (external site)</h2>")
-        parts.append(f"<p>Overall survival of {first['n']} external patients "
-                     f"({first['events']} deaths). Harrell's C with percentile-bootstrap "
-                     "95 % CI; the Cox models are fitted federated (site-stratified partial "
-                     "likelihood, Newton steps on summed site gradients and Hessians) and "
-                     f"predict the risk of death by day {_f(first['horizon'], 0)}.</p>")
+        parts.append(Markup("<h2>Survival models (external site)</h2>"))
+        parts.append(_h("<p>Overall survival of {} external patients ({} deaths). Harrell's C "
+                        "with percentile-bootstrap 95 % CI; the Cox models are fitted federated "
+                        "(site-stratified partial likelihood, Newton steps on summed site "
+                        "gradients and Hessians) and predict the risk of death by day {}.</p>",
+                        _f(first["n"]), _f(first["events"]), _f(first["horizon"], 0)))
         rows = []
         for a, b in surv:
             for m, c in b["c_index"].items():
                 cal = b.get("calibration", {}).get(m)
-                rows.append([html.escape(a), html.escape(m), _ci(c["c"], c["ci"]),
+                rows.append([a, m, _ci(c["c"], c["ci"]),
                              _f(cal["predicted_mean"]) if cal else "",
                              _f(b.get("observed_risk_at_horizon")) if cal else ""])
         parts.append(_table(["arm", "model", "C-index (95% CI)", "mean predicted risk",
                              "observed risk (KM)"], rows))
-        diffs = [[html.escape(a), html.escape(d["a"]), html.escape(d["b"]),
+        diffs = [[a, d["a"], d["b"],
                   _ci(d["diff"], d["ci"]), _f(d["p_value"], 4)]
                  for a, b in surv for d in b.get("differences", [])]
         if diffs:
@@ -507,14 +594,19 @@ def _segmentation_and_cox_section(metrics: dict[str, Any]) -> list[str]:
                 if not cox or not cox.get("coef"):
                     continue
                 for f, c, se in zip(cox["features"], cox["coef"], cox["se"], strict=True):
-                    hr_rows.append([html.escape(arm), html.escape(k.split("@")[0]),
-                                    html.escape(f), _f(c), _f(se), _f(math.exp(c)),
+                    hr = math.exp(c) if _num(c) is not None and c < 700 else None
+                    hr_rows.append([arm, k.split("@")[0], f, _f(c), _f(se), _f(hr),
                                     _f(cox["h0"], 4)])
         if hr_rows:
-            parts.append("<h3>Federated Cox coefficients</h3>")
+            parts.append(Markup("<h3>Federated Cox coefficients</h3>"))
             parts.append(_table(["arm", "model", "covariate", "coef", "SE", "hazard ratio",
                                  "baseline H0(horizon)"], hr_rows))
     return parts
+
+
+def _signed(x: Any) -> Markup:
+    """A coefficient with its sign (``+0.12``), or the value escaped when not a number."""
+    return Markup(f"{x:+.2f}") if _num(x) is not None else _f(x)
 
 
 def _cam_plot(arm: str, cam: dict[str, Any]) -> str:
@@ -534,41 +626,41 @@ def _cam_plot(arm: str, cam: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def _ssl_and_cam_section(metrics: dict[str, Any]) -> list[str]:
+def _ssl_and_cam_section(metrics: dict[str, Any]) -> list[Markup]:
     """The self-supervised pretraining ablation (paired DeLong of each arm against its no-SSL
     twin) and the Grad-CAM localisation on the external site."""
     ext = metrics.get("external", {})
-    parts: list[str] = []
+    parts: list[Markup] = []
     pairs = [c for c in metrics.get("comparisons") or []
              if c["b"] == f"{c['a']}_nossl" or c["a"] == f"{c['b']}_nossl"]
     if pairs:
-        parts.append("<h2>Self-supervised pretraining ablation (external site)</h2>")
-        parts.append("<p>Each federated strategy trained twice in the same run: after federated "
-                     "Barlow Twins pretraining of the encoder, and from scratch "
-                     "(<code>_nossl</code>) with the same fine-tuning budget; paired DeLong "
-                     "test on the same external patients.</p>")
+        parts.append(Markup("<h2>Self-supervised pretraining ablation (external site)</h2>"))
+        parts.append(Markup(
+            "<p>Each federated strategy trained twice in the same run: after federated Barlow "
+            "Twins pretraining of the encoder, and from scratch (<code>_nossl</code>) with the "
+            "same fine-tuning budget; paired DeLong test on the same external patients.</p>"))
         parts.append(_table(["with SSL", "without", "AUC with", "AUC without",
                              "difference (95% CI)", "p"],
-                            [[html.escape(c["a"]), html.escape(c["b"]), _f(c["auc_a"]),
-                              _f(c["auc_b"]),
-                              _ci((c["auc_a"] or 0) - (c["auc_b"] or 0), c.get("ci_diff")),
+                            [[c["a"], c["b"], _f(c["auc_a"]), _f(c["auc_b"]),
+                              _ci(_diff(c["auc_a"], c["auc_b"]), c.get("ci_diff")),
                               _f(c["p_value"], 4)] for c in pairs]))
     cams = [(a, e["cam"]) for a, e in ext.items() if "/" not in a and e.get("cam")]
     if cams:
-        parts.append("<h2>Grad-CAM on the external site</h2>")
-        parts.append("<p>Share of the top-10 % Grad-CAM mass that falls inside the lesion "
-                     "mask, against the share expected if it were spread at random "
-                     "(one-sided paired test over patients). The images are means over all "
-                     "external patients, lesion-centred: no single patient's pixels leave the "
-                     "site.</p>")
+        parts.append(Markup("<h2>Grad-CAM on the external site</h2>"))
+        parts.append(Markup(
+            "<p>Share of the top-10 % Grad-CAM mass that falls inside the lesion mask, against "
+            "the share expected if it were spread at random (one-sided paired test over "
+            "patients). The images are means over all external patients, lesion-centred: no "
+            "single patient's pixels leave the site.</p>"))
         parts.append(_table(["arm", "n", "in-mask share", "chance", "p"],
-                            [[html.escape(a), str(c["n"]), _f(c["in_mask_fraction"]),
+                            [[a, _f(c["n"]), _f(c["in_mask_fraction"]),
                               _f(c["chance"]), _f(c["p_value"], 4)] for a, c in cams]))
         primary = metrics.get("model", {}).get("arm")
         chosen = [(a, c) for a, c in cams if a == primary] or cams[:1]
-        parts.append('<div class="grid">' + "".join(
-            _figure(_cam_plot(a, c), f"Mean Grad-CAM over the external patients, {a}")
-            for a, c in chosen) + "</div>")
+        figures = [(_plot(_cam_plot, a, c), f"Mean Grad-CAM over the external patients, {a}")
+                   for a, c in chosen]
+        parts.append(_h('<div class="grid">{}</div>',
+                        _join(_figure(p, cap) for p, cap in figures if p)))
     return parts
 
 

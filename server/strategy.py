@@ -3,9 +3,12 @@
 ``HccFedAvg`` and ``HccFedProx`` extend Flower's FedAvg/FedProx:
 - training and per-round validation go only to the training sites (the external site never
   trains and never sees an intermediate model);
-- replies that are non-finite, of the wrong shape or missing keys are rejected and logged by site
-  before Flower aggregates the rest;
-- replies whose update norm exceeds ``max_norm_ratio`` x the round's median are rejected too;
+- replies are screened by the rules of :mod:`hcc_fl.server.screen` (exact names, shapes and
+  dtypes of the record sent, ``num-examples`` bounded by the size the site declared, finite
+  values, an update norm bounded by ``max_norm_ratio`` x a reference scale no single site can
+  inflate); rejected replies are logged and audited by site;
+- the accepted updates are averaged with capped weights (``max_site_weight``), or by the
+  coordinate-wise median or trimmed mean (``aggregation``);
 - per-site metrics of every round are kept for ``history.jsonl`` (a sample-weighted mean of
   per-site AUCs is not a pooled AUC, so nothing here averages AUCs);
 - ``run_rounds`` is the round loop (Flower's ``Strategy.start`` does the same calls) with a
@@ -42,10 +45,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from hcc_fl.server import screen
 from hcc_fl.server.aggregate import (
     NPY_STYPE,
     all_finite,
     array_view,
+    coordinatewise,
     mean_and_distances,
     sq_distance,
     weighted_mean,
@@ -133,9 +138,17 @@ class SiteAwareMixin:
         max_norm_ratio: float = 0.0, audit: AuditLog | None = None,
         describe: Callable[[list[int]], dict[int, dict[str, Any]]] | None = None,
         training_sites: Iterable[str] = (),
+        site_sizes: dict[str, dict[str, Any]] | None = None,
+        size_keys: tuple[str, ...] = ("n-train",), max_site_weight: float = 1.0,
+        aggregation: str = "mean", trim_fraction: float = 0.0,
     ) -> None:
         """Tell the strategy the node id -> site map, which nodes may train, the quorum, the
-        norm screen (0 = off), the audit log, and how to identify nodes that join later."""
+        norm screen (0 = off), the audit log, and how to identify nodes that join later.
+
+        ``site_sizes`` (site -> its ``site_info`` counts) bound each site's ``num-examples`` by
+        the sum of its ``size_keys`` (``n-train``; ``n-train`` + ``n-val`` for the
+        self-supervised stage); ``max_site_weight`` caps a site's share of the weights (1 =
+        off); ``aggregation`` is ``mean``, ``median`` or ``trimmed_mean`` (``trim_fraction``)."""
         self.arm = arm
         self.min_sites = min_sites
         self.max_norm_ratio = float(max_norm_ratio)
@@ -148,8 +161,37 @@ class SiteAwareMixin:
         self.rejections: list[dict[str, Any]] = []
         self.aggregated_rounds: list[int] = []
         self.secagg_rounds: list[dict[str, Any]] = []
-        self._expected: dict[str, tuple[int, ...]] | None = None
         self._global: dict[str, np.ndarray] | None = None
+        self.size_keys = tuple(size_keys)
+        self.declared: dict[str, int] = {}
+        self.site_sizes: dict[str, dict[str, Any]] = {}
+        for site, sizes in (site_sizes or {}).items():
+            self._declare(site, sizes)
+        self.max_site_weight = float(max_site_weight)
+        self.aggregation = str(aggregation)
+        self.trim_fraction = float(trim_fraction)
+        self.norm_history: list[float] = []  # the median accepted update norm of each round
+        self._round_norm: float | None = None
+        self._global_norm: float | None = None
+
+    def _declare(self, site: str, sizes: dict[str, Any]) -> None:
+        """Record the examples ``site`` may claim (its declared sizes); a site that declares
+        again (a restart) keeps the smaller bound."""
+        try:
+            n = screen.declared_rows(sizes, [k.removeprefix("n-") for k in self.size_keys])
+        except ValueError as exc:
+            log.warning("site %s: %s; its replies will be rejected", site, exc)
+            n = 0
+        self.declared[site] = min(n, self.declared.get(site, n))
+        self.site_sizes.setdefault(site, dict(sizes))
+
+    def set_global(self, arrays: ArrayRecord) -> None:
+        """The record the round's training messages carry: replies must match its names,
+        shapes and dtypes, and their updates are measured against it (zero-copy views; the
+        record outlives the round)."""
+        self._global = {k: array_view(v) for k, v in arrays.items()}
+        self._layout = screen.expected_layout(self._global)
+        self._global_norm = None
 
     # --- state for checkpoints -----------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -158,13 +200,15 @@ class SiteAwareMixin:
         extra = {k: getattr(self, k) for k in ("m_t", "v_t") if getattr(self, k, None) is not None}
         return {"history": list(self.history), "rejections": list(self.rejections),
                 "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra,
-                "central_releases": self.central.releases if self.central else 0}
+                "central_releases": self.central.releases if self.central else 0,
+                "norm_history": list(self.norm_history)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state`."""
         self.history = list(state["history"])
         self.rejections = list(state["rejections"])
         self.aggregated_rounds = list(state["aggregated_rounds"])
+        self.norm_history = [float(x) for x in state.get("norm_history", [])]
         if self.central is not None:
             self.central.releases = int(state.get("central_releases", 0))
         for k, v in state.get("optimizer", {}).items():
@@ -178,6 +222,8 @@ class SiteAwareMixin:
             return
         for nid, info in self.describe(new).items():
             self.site_names[nid] = str(info["site"])
+            if info["site"] in self.training_sites:
+                self._declare(str(info["site"]), info)
             if info["site"] in self.training_sites and info["role"] == R.ROLE_TRAIN:
                 self.training_nodes.append(nid)
                 log.info("site %s (re)joined as node %d", info["site"], nid)
@@ -200,10 +246,7 @@ class SiteAwareMixin:
         if self.insecure:
             log.warning("round %d runs WITHOUT TLS or site authentication (--insecure): "
                         "updates travel in clear text", server_round)
-        if self._expected is None:
-            self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        # Zero-copy views of the round's global model (the record outlives the round).
-        self._global = {k: array_view(v) for k, v in arrays.items()}
+        self.set_global(arrays)
         self._refresh_sites(grid)
         out = self._only_training(
             super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
@@ -258,10 +301,13 @@ class SiteAwareMixin:
 
     def _screen_cheap(self, server_round: int, replies: Iterable[Message]
                       ) -> list[tuple[Message, dict[str, np.ndarray]]]:
-        """The checks that do not read parameter values: errors, sender, records, names and
-        shapes, num-examples, loss. Returns the candidates (site order) with zero-copy views
-        of their arrays."""
+        """The checks that do not read parameter values: errors, sender, records, names,
+        shapes and dtypes (:func:`hcc_fl.server.screen.check_arrays`), the weight
+        (:func:`~hcc_fl.server.screen.check_num_examples` against the declared size), loss.
+        Returns the candidates (site order) with zero-copy views of their arrays."""
         out = []
+        layout = getattr(self, "_layout", None) if self._global is not None else None
+        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
         for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}")
@@ -273,37 +319,63 @@ class SiteAwareMixin:
             if len(content.array_records) != 1 or len(content.metric_records) != 1:
                 self._reject(server_round, msg, "malformed reply (records)")
                 continue
-            arrays = next(iter(content.array_records.values()))
-            shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-            if self._expected is not None and shapes != self._expected:
-                self._reject(server_round, msg, "parameters of the wrong names or shapes")
+            if layout is None:
+                self._reject(server_round, msg, "no global model to check the reply against")
                 continue
+            arrays = next(iter(content.array_records.values()))
             try:
                 views = {k: array_view(v) for k, v in arrays.items()}
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 self._reject(server_round, msg, f"unreadable parameters ({exc})")
                 continue
-            if any(tuple(v.shape) != shapes[k] for k, v in views.items()):
-                self._reject(server_round, msg, "parameters of the wrong names or shapes")
+            reason = screen.check_arrays(views, layout)
+            if reason is not None:
+                self._reject(server_round, msg, reason)
                 continue
             metrics = next(iter(content.metric_records.values()))
-            n = metrics.get(R.NUM_EXAMPLES)
-            if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-                self._reject(server_round, msg, "missing or invalid num-examples")
+            reason = screen.check_num_examples(metrics.get(R.NUM_EXAMPLES),
+                                               self.declared.get(self._site(msg)))
+            if reason is None and weight_key != R.NUM_EXAMPLES and metrics.get(weight_key) != 1:
+                reason = f"{weight_key} must be 1 (equal weights)"
+            if reason is not None:
+                self._reject(server_round, msg, reason)
                 continue
             loss = metrics.get("train-loss")
-            if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) \
+                    or not math.isfinite(loss):
                 self._reject(server_round, msg, "missing or non-finite train-loss")
+                continue
+            if not all(isinstance(metrics.get(k, 0.0), (int, float)) and
+                       math.isfinite(cast(float, metrics.get(k, 0.0)))
+                       for k in ("dp-epsilon", "dp-delta")):
+                self._reject(server_round, msg, "non-numeric privacy metrics")
                 continue
             out.append((msg, views))
         return out
+
+    def _shares(self, msgs: list[Message]) -> list[float]:
+        """The accepted replies' weights as shares, no site above ``max_site_weight``."""
+        key = self.weighted_by_key  # type: ignore[attr-defined]
+        return screen.capped_shares([self._weight(m, key) for m in msgs], self.max_site_weight)
+
+    def _bound(self, norms: list[float]) -> screen.NormBound | None:
+        """This round's norm bound; the global model's norm is read only when the round's and
+        the history's scales alone would reject a reply (so an honest round costs no pass)."""
+        bound = screen.norm_bound(norms, self.norm_history, 0.0, self.max_norm_ratio)
+        if bound is not None and all(x <= bound.bound for x in norms):
+            return bound
+        if self._global_norm is None and self._global is not None:
+            self._global_norm = math.sqrt(sq_distance(self._global, None))
+        return screen.norm_bound(norms, self.norm_history, self._global_norm or 0.0,
+                                 self.max_norm_ratio)
 
     def _screen_values(self, server_round: int,
                        cands: list[tuple[Message, dict[str, np.ndarray]]],
                        sq: list[float]) -> list[tuple[Message, dict[str, np.ndarray]]]:
         """Reject non-finite updates, then updates whose L2 distance to the global model
-        exceeds ``max_norm_ratio`` x the median (``sq``: squared distances, non-finite iff a
-        value is or the distance overflows; an overflow is then screened as an outlier)."""
+        exceeds the round's bound (:func:`hcc_fl.server.screen.norm_bound`; ``sq``: squared
+        distances, non-finite iff a value is or the distance overflows; an overflow is then
+        screened as an outlier)."""
         good, norms = [], []
         for (msg, views), d2 in zip(cands, sq, strict=True):
             if not math.isfinite(d2) and not all_finite(views):
@@ -311,16 +383,18 @@ class SiteAwareMixin:
                 continue
             good.append((msg, views))
             norms.append(math.sqrt(d2) if math.isfinite(d2) else math.inf)
-        if self.max_norm_ratio <= 0 or self._global is None or len(good) < 2:
+        if self._global is None or not good:
             return good
-        median = float(np.median(norms))
-        kept = []
+        bound = self._bound(norms)
+        kept, kept_norms = [], []
         for (m, views), norm in zip(good, norms, strict=True):
-            if median > 0 and norm > self.max_norm_ratio * median:
+            if bound is not None and norm > bound.bound:
                 self._reject(server_round, m, f"update norm {norm:.3g} exceeds "
-                             f"{self.max_norm_ratio:g} x the median {median:.3g}")
+                             f"{bound.describe(self.max_norm_ratio)}")
             else:
                 kept.append((m, views))
+                kept_norms.append(norm)
+        self._round_norm = float(np.median(kept_norms)) if kept_norms else None
         return kept
 
     def _screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -329,26 +403,40 @@ class SiteAwareMixin:
         sq = [sq_distance(views, self._global) for _, views in cands]
         return [m for m, _ in self._screen_values(server_round, cands, sq)]
 
+    def _combine(self, kept: list[tuple[Message, dict[str, np.ndarray]]],
+                 dtypes: dict[str, np.dtype[Any]] | None) -> dict[str, Any]:
+        """The aggregate of the kept updates by the configured rule."""
+        views = [v for _, v in kept]
+        if self.aggregation == "mean":
+            return weighted_mean(views, self._shares([m for m, _ in kept]), dtypes)
+        return coordinatewise(views, self.aggregation, self.trim_fraction, dtypes)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen replies, record per-site training metrics, aggregate.
 
-        The update distances for the norm screen and the weighted mean come from one pass over
-        the updates (:func:`hcc_fl.server.aggregate.mean_and_distances`, zero-copy reads, no
-        model-sized temporaries); only when the screen rejects an update is the mean of the
-        rest computed again. Replies are taken in site order: the order of the floating-point
-        sums, and so the result, does not depend on the order in which replies arrived."""
+        With ``aggregation: mean`` the update distances for the norm screen and the weighted
+        mean (capped shares) come from one pass over the updates
+        (:func:`hcc_fl.server.aggregate.mean_and_distances`, zero-copy reads, no model-sized
+        temporaries); only when the screen rejects an update is the mean of the rest computed
+        again. Replies are taken in site order: the order of the floating-point sums, and so
+        the result, does not depend on the order in which replies arrived."""
         cands = self._screen_cheap(server_round, list(replies))
         mean: dict[str, Any] | None = None
-        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
+        self._round_norm = None
         # The result keeps the global model's dtypes (float32 when it travelled as float16).
         dtypes = {k: np.dtype(np.float32) if v.dtype == np.float16 else v.dtype
                   for k, v in self._global.items()} if self._global else None
         if cands:
-            self._check_and_log_replies([m for m, _ in cands], is_train=True)  # type: ignore[attr-defined]
-            weights = [self._weight(m, weight_key) for m, _ in cands]
-            mean, sq = mean_and_distances([v for _, v in cands], weights, self._global, dtypes)
+            self._check_and_log_replies(  # type: ignore[attr-defined]
+                [m for m, _ in cands], is_train=True, validate=False)
+            if self.aggregation == "mean":
+                mean, sq = mean_and_distances([v for _, v in cands],
+                                              self._shares([m for m, _ in cands]),
+                                              self._global, dtypes)
+            else:
+                sq = [sq_distance(v, self._global) for _, v in cands]
             kept = self._screen_values(server_round, cands, sq)
             if len(kept) != len(cands):
                 mean = None
@@ -373,15 +461,23 @@ class SiteAwareMixin:
             }
             if "dp-epsilon" in metrics:  # local DP: epsilon this run has spent at the site
                 entry["dp_epsilon"] = float(metrics["dp-epsilon"])  # type: ignore[arg-type]
-                entry["dp_delta"] = float(metrics["dp-delta"])  # type: ignore[arg-type]
+                entry["dp_delta"] = float(metrics.get("dp-delta", math.nan))  # type: ignore[arg-type]
             self.history.append(entry)
-        if mean is None:  # something was rejected: the mean of the kept updates
-            mean = weighted_mean([v for _, v in kept],
-                                 [self._weight(m, weight_key) for m in good], dtypes)
+        if mean is None:  # something was rejected, or a coordinate-wise rule
+            mean = self._combine(kept, dtypes)
+        if self._round_norm is not None:
+            self.norm_history.append(self._round_norm)
         arrays = ArrayRecord({k: Array(dtype=str(dt), shape=shape, stype=NPY_STYPE, data=data)
                               for k, (dt, shape, data) in mean.items()})
-        agg_metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
-            [m.content for m in good], weight_key)
+        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
+        shares = self._shares(good)
+        # Metrics from the screened values only (a site's extra keys never reach Flower's
+        # aggregation, which refuses replies whose metric keys differ).
+        clean = [RecordDict({"metrics": MetricRecord({
+            "train-loss": float(cast(Any, next(iter(m.content.metric_records.values()))[
+                "train-loss"])), weight_key: share})}) for m, share in zip(good, shares,
+                                                                          strict=True)]
+        agg_metrics = self.train_metrics_aggr_fn(clean, weight_key)  # type: ignore[attr-defined]
         self.aggregated_rounds.append(server_round)
         return arrays, agg_metrics
 
@@ -392,31 +488,44 @@ class SiteAwareMixin:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Record per-site validation loss and AUC; aggregate only the loss."""
-        good = []
+        """Record per-site validation loss and AUC; aggregate only the loss (from the screened
+        values: finite loss, ``num-examples`` within the declared ``n-val``, AUC in [0, 1])."""
+        good: list[RecordDict] = []
+        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
         for msg in sorted(replies, key=self._site):
             if msg.has_error():
                 self._reject(server_round, msg, f"site error: {msg.error.reason}", "evaluate")
                 continue
             metrics = next(iter(msg.content.metric_records.values()), None)
+            site = self._site(msg)
+            sizes = self.site_sizes.get(site)
+            try:
+                declared = screen.declared_rows(sizes, ["val"]) if sizes is not None else None
+            except ValueError:
+                declared = 0
             loss = metrics.get("val-loss") if metrics is not None else None
-            if not isinstance(loss, (int, float)) or not isinstance(
-                    metrics.get(R.NUM_EXAMPLES) if metrics is not None else None, (int, float)):
+            n = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
+            auc = metrics.get("val-auc", math.nan) if metrics is not None else math.nan
+            if metrics is None or self._origin(msg) not in set(self.training_nodes) \
+                    or isinstance(loss, bool) or not isinstance(loss, (int, float)) \
+                    or not math.isfinite(loss) or screen.check_num_examples(n, declared) \
+                    or isinstance(auc, bool) or not isinstance(auc, (int, float)) \
+                    or not (math.isnan(auc) or 0.0 <= auc <= 1.0):
                 self._reject(server_round, msg, "malformed validation reply", "evaluate")
                 continue
-            assert metrics is not None
+            weight = float(cast(Any, n)) if weight_key == R.NUM_EXAMPLES else 1.0
             self._received(server_round, msg, "evaluate", "accepted")
-            good.append(msg)
-            auc = float(metrics.get("val-auc", math.nan))  # type: ignore[arg-type]
+            good.append(RecordDict({"metrics": MetricRecord({"val-loss": float(loss),
+                                                             weight_key: weight})}))
             self.history.append({
-                "arm": self.arm, "round": server_round, "site": self._site(msg),
+                "arm": self.arm, "round": server_round, "site": site,
                 "phase": "validate", "val_loss": float(loss),
-                "val_auc": None if not math.isfinite(auc) else auc,
-                "n": int(metrics[R.NUM_EXAMPLES]),  # type: ignore[arg-type]
+                "val_auc": None if not math.isfinite(auc) else float(auc),
+                "n": int(cast(Any, n)),
             })
         if not good:
             return None
-        return super().aggregate_evaluate(server_round, good)  # type: ignore[misc]
+        return self.evaluate_metrics_aggr_fn(good, weight_key)  # type: ignore[attr-defined,no-any-return]
 
     def _note_missing(self, server_round: int, sent: list[Message], replies: list[Message],
                       timeout: float) -> None:
@@ -544,7 +653,11 @@ class SiteAwareMixin:
             return None
         replies, _, mean, _ = out
         for n, m in replies.items():
-            metrics = next(iter(m.content.metric_records.values()))
+            metrics = next(iter(m.content.metric_records.values()), None)
+            loss = metrics.get("train-loss") if metrics is not None else None
+            if metrics is None or screen.check_num_examples(metrics.get(R.NUM_EXAMPLES), None) \
+                    or isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                continue  # the masked vector is in the sum; its metrics are not recorded
             self.history.append({
                 "arm": self.arm, "round": rnd, "site": self.site_names.get(n, f"node-{n}"),
                 "phase": "train", "train_loss": float(cast(Any, metrics["train-loss"])),

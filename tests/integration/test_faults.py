@@ -159,3 +159,43 @@ def test_site_killed_mid_round_then_coordinator_killed_and_resumed(
     assert any(e["event"] == "resume" and e["round"] == 1 for e in audit)
     assert any(e["event"] == "timeout" or "rejected" in e.get("decision", "")
                for e in audit if e.get("peer") == "site_C" and e.get("round") == 1)
+
+
+HOSTILE_DIR = Path(__file__).resolve().parent / "hostile_site"
+
+
+@pytest.mark.slow
+def test_a_hostile_site_cannot_take_over_the_federation(small_phantom: Path,
+                                                        tmp_path: Path) -> None:
+    """site_B (test-only sitecustomize, ``HCC_FL_TEST_HOSTILE``) sends 1e6-scaled updates and
+    pooled-validation sums with forged (x10) counts: its updates are rejected every round, its
+    sums are excluded, and the run completes with the honest sites A and C."""
+    env = {**os.environ, "HCC_FL_TEST_HOSTILE": "site_B",
+           "PYTHONPATH": os.pathsep.join(
+               [str(HOSTILE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    res = subprocess.run(
+        [script("hcc-fl"), "simulate", f"data_root={small_phantom}", f"runs_dir={tmp_path}",
+         "run_name=hostile", "federation.rounds=2", "federation.min_sites=2", *SIM],
+        capture_output=True, text=True, timeout=1200, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "hostile"
+    metrics = json.loads((run / "metrics.json").read_text())
+    fed = metrics["federated"]["fedavg"]
+    assert fed["aggregated_rounds"] == [1, 2]
+    rejected = [r for r in metrics["rejected_replies"] if r["site"] == "site_B"]
+    assert sorted(r["round"] for r in rejected) == [1, 2]
+    assert all("update norm" in r["reason"] for r in rejected)
+    assert {r["site"] for r in metrics["rejected_replies"]} == {"site_B"}
+    hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    trained = {h["site"] for h in hist if h["phase"] == "train" and h["arm"] == "fedavg"}
+    assert trained == {"site_A", "site_C"}
+    validation = metrics["validation"]["fedavg"]
+    assert [e["site"] for e in validation["excluded"]] == ["site_B"]
+    assert "declared" in validation["excluded"][0]["reason"]
+    sites = {s["site"]: s for s in metrics["sites"]}
+    assert validation["pooled"]["n"] == sites["site_A"]["n_val"] + sites["site_C"]["n_val"]
+    model = torch.load(run / "models" / "fedavg.pt")
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in model.values()
+               if v.is_floating_point())
+    audit = read_audit(run / "logs" / "audit-coordinator.jsonl")
+    assert any(e.get("peer") == "site_B" and e["event"] == "excluded" for e in audit)

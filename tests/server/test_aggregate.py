@@ -98,3 +98,30 @@ def test_one_pass_mean_and_distances_equal_the_two_pass_ones(chunk: int) -> None
                                   {"w": np.dtype(np.float32)}, chunk=chunk)
     np.testing.assert_allclose(npy_view(mean["w"][2]), 1.0)
     np.testing.assert_allclose(sq, [2.5, 2.5])
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 16])
+def test_coordinatewise_median_and_trimmed_mean_equal_numpys(chunk: int) -> None:
+    from hcc_fl.server.aggregate import coordinatewise
+
+    rng = np.random.default_rng(2)
+    updates = [{"w": rng.normal(size=(7, 3)).astype(np.float32),
+                "n": np.array([3 + i], np.int64)} for i in range(6)]
+    stack = np.stack([u["w"] for u in updates])
+    dtypes = {"w": np.dtype(np.float32), "n": np.dtype(np.int64)}
+    med = coordinatewise(updates, "median", dtypes=dtypes, chunk=chunk)
+    np.testing.assert_allclose(npy_view(med["w"][2]), np.median(stack, axis=0), rtol=1e-6)
+    assert med["n"][0] == np.int64 and int(npy_view(med["n"][2])[0]) == 6  # median 5.5 -> 6
+    trim = coordinatewise(updates, "trimmed_mean", 0.2, dtypes, chunk=chunk)
+    expected = np.sort(stack, axis=0)[1:-1].mean(axis=0)
+    np.testing.assert_allclose(npy_view(trim["w"][2]), expected, rtol=1e-6)
+    with pytest.raises(ValueError):
+        coordinatewise(updates, "mode")
+
+
+def test_integer_counters_keep_the_global_models_dtype_when_asked() -> None:
+    u = [{"n": np.array(4, np.int64)}, {"n": np.array(7, np.int64)}]
+    out = weighted_mean(u, [1, 1], {"n": np.dtype(np.int64)})
+    assert out["n"][0] == np.int64 and int(npy_view(out["n"][2])) == 6  # 5.5 rounds to even
+    mean, _ = mean_and_distances(u, [1, 2], None, {"n": np.dtype(np.int64)})
+    assert int(npy_view(mean["n"][2])) == 6

@@ -28,6 +28,12 @@ def test_overrides() -> None:
         ("strategy=nosuch", "configuration"),
         ("evaluation.threshold_split=test", "threshold_split"),
         ("federation.external_site=site_A", "must not also be a training site"),
+        ("federation.max_site_weight=0", "max_site_weight must be in"),
+        ("federation.max_site_weight=1.5", "max_site_weight must be in"),
+        ("federation.aggregation=mode", "aggregation must be one of"),
+        ("federation.aggregation=median", "needs at least 5 training sites, got 3"),
+        ("federation.aggregation=trimmed_mean", "needs at least 5 training sites"),
+        ("federation.trim_fraction=0.5", "trim_fraction must be in"),
     ],
 )
 def test_bad_config_is_named(override: str, message: str) -> None:
@@ -93,3 +99,14 @@ def test_ssl_projector_option_is_checked() -> None:
         "projector"] == "local"
     with pytest.raises(ConfigError, match="projector"):
         compose_config(["task=phcc_mri", "task.ssl.projector=shared"])
+
+
+def test_robust_aggregation_with_five_sites() -> None:
+    five = "federation.training_sites=[a,b,c,d,e]"
+    cfg = compose_config([five, "federation.aggregation=trimmed_mean"])
+    assert cfg["federation"]["trim_fraction"] == 0.2 and cfg["federation"]["max_site_weight"] == 0.5
+    with pytest.raises(ConfigError, match="trims no site of 5"):
+        compose_config([five, "federation.aggregation=trimmed_mean",
+                        "federation.trim_fraction=0.1"])
+    with pytest.raises(ConfigError, match="in the clear"):
+        compose_config([five, "federation.aggregation=median", "privacy=central-dp"])
