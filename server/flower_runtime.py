@@ -180,6 +180,7 @@ def simulation_superlink(
 
 
 ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+REFUSED_MARK = "refused node "  # server/identity.py logs "refused node <id> (<site>): why"
 
 
 def flwr_run(
@@ -210,6 +211,8 @@ def flwr_run(
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
+            if REFUSED_MARK in line:  # a node refused by the identity gate: on the console
+                print(line.rstrip(), file=sys.stderr, flush=True)
             m = ROUND_RE.search(line)
             if m and on_round:
                 on_round(int(m.group(1)), int(m.group(2)))
