@@ -126,10 +126,14 @@ def _messages(node_ids: list[int], action: str, content: RecordDict) -> list[Mes
 def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
            timeout: float) -> list[Message]:
     messages = _messages(node_ids, action, content)
+    if GATE is not None:  # a refused node is not sent the message (the gate audits "not-sent")
+        node_ids = [n for n in node_ids if n not in GATE.refused]
     _audit_sent(node_ids, action, content)
     replies = list(grid_.send_and_receive(messages, timeout=timeout))
     _audit_received(replies, action)
-    _audit_missing(set(node_ids) - {r.metadata.src_node_id for r in replies}, action, timeout)
+    refused = set(GATE.refused) if GATE is not None else set()
+    _audit_missing(set(node_ids) - {r.metadata.src_node_id for r in replies} - refused, action,
+                   timeout)
     return replies
 
 

@@ -18,6 +18,10 @@ from tests.conftest import script
 from tests.integration.test_deployment import SITES, _free_port, _site_yaml, _stop, make_pki
 from tests.integration.test_faults import _checkpoint_round, _wait
 
+# the pooled recalibration is up to 25 more queries (seconds each in deployment) that these
+# tests do not need
+FAST = ("evaluation.recalibration=false",)
+
 
 def _server(pki: Path, port: int, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([script("hcc-fl-server"), "--pki", str(pki), "--port", str(port),
@@ -60,7 +64,7 @@ def test_impostors_are_refused_and_the_run_goes_on(small_phantom: Path, tmp_path
     port = _free_port()
     server = _server(pki, port, f"runs_dir={tmp_path / 'runs'}", "run_name=impostors",
                      "strategy=fedavg", "federation.rounds=1", "federation.min_sites=2",
-                     "federation.discovery_timeout_s=300")
+                     "federation.discovery_timeout_s=300", *FAST)
     clients = []
     try:
         _wait_ready(server)
@@ -113,7 +117,7 @@ def test_site_revoked_mid_run_leaves_the_run(small_phantom: Path, tmp_path: Path
     port = _free_port()
     server = _server(pki, port, f"runs_dir={tmp_path / 'runs'}", "run_name=revoke",
                      "strategy=fedavg", "federation.rounds=3", "federation.min_sites=2",
-                     "federation.round_timeout_s=300", "federation.discovery_timeout_s=300")
+                     "federation.round_timeout_s=300", "federation.discovery_timeout_s=300", *FAST)
     clients = {}
     ckpt = tmp_path / "runs" / ".revoke.partial" / "arms" / "fedavg" / "checkpoint.pt"
     try:
