@@ -6,6 +6,9 @@ Layout of the PKI folder (what stays private to whom):
     ca/ca.key                 private to the coordinator (signs server certificates), mode 0600
     server/server.crt, .key   the coordinator's TLS certificate and key (key private, 0600)
     authorized/<site>.pub     the coordinator's allow-list of site public keys
+    authorized/<site>.role    that site's role, declared here: ``train`` or ``external``
+                              (no file: ``train``, for PKIs made before roles existed)
+    revoked/<site>.pub, .role keys (and roles) taken off the allow-list
     sites/<site>/<site>.key   the site's private key: hand to that site only, then delete here
     sites/<site>/<site>.pub   its public key (also in authorized/)
     sites/<site>/ca.crt       copy of the CA certificate for the site
@@ -14,6 +17,10 @@ TLS authenticates the coordinator to the sites; sites authenticate with their EC
 SuperNode authentication), which is why site keys are OpenSSH-format NIST P-384 keys and not
 client certificates. Adding a site creates only that site's key pair and allow-list entry;
 nothing already issued changes.
+
+A site's identity is its key: the coordinator names a node after the allow-list entry whose key
+the node authenticated with, and takes its role from the ``.role`` file beside it; what the site
+says about itself must agree (``hcc_fl.server.identity``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ROLES = ("train", "external")
 
 
 class CertError(ValueError):
@@ -117,9 +125,12 @@ def issue_server_cert(folder: Path, hosts: list[str], days: int = 825) -> Path:
     return folder / "server" / "server.crt"
 
 
-def add_site(folder: Path, name: str) -> Path:
-    """Create a site's EC P-384 key pair (OpenSSH format) and put its public key on the
-    coordinator's allow-list. Returns the folder to hand to the site."""
+def add_site(folder: Path, name: str, role: str = "train") -> Path:
+    """Create a site's EC P-384 key pair (OpenSSH format) and put its public key, with its
+    ``role`` (``train`` or ``external``), on the coordinator's allow-list. Returns the folder
+    to hand to the site."""
+    if role not in ROLES:
+        raise CertError(f"role '{role}': use one of {', '.join(ROLES)}")
     if not SITE_NAME.match(name):
         raise CertError(f"site name '{name}': use letters, digits, '.', '_' or '-' (max 63)")
     if not (folder / "ca" / "ca.crt").exists():
@@ -136,6 +147,7 @@ def add_site(folder: Path, name: str) -> Path:
     _write_private(out / f"{name}.key", private)
     _write_public(out / f"{name}.pub", public + b"\n")
     _write_public(out / "ca.crt", (folder / "ca" / "ca.crt").read_bytes())
+    _write_public(allowed.with_suffix(".role"), f"{role}\n".encode())
     _write_public(allowed, public + b"\n")
     return out
 
@@ -147,7 +159,11 @@ def revoke_site(folder: Path, name: str) -> None:
         raise CertError(f"site '{name}' is not on the allow-list ({allowed} not found)")
     revoked = folder / "revoked"
     revoked.mkdir(exist_ok=True)
+    # the key first: a running coordinator re-reads the allow-list by key at every round
     allowed.replace(revoked / f"{name}.pub")
+    role = allowed.with_suffix(".role")
+    if role.exists():
+        role.replace(revoked / f"{name}.role")
 
 
 def allowed_sites(folder: Path) -> dict[str, Path]:
@@ -158,3 +174,25 @@ def allowed_sites(folder: Path) -> dict[str, Path]:
 def revoked_sites(folder: Path) -> dict[str, Path]:
     """Site name -> public key file of revoked sites."""
     return {p.stem: p for p in sorted((folder / "revoked").glob("*.pub"))}
+
+
+def site_role(folder: Path, name: str) -> str:
+    """The role the coordinator declared for an allow-listed site (``train`` without a role
+    file)."""
+    path = folder / "authorized" / f"{name}.role"
+    if not path.exists():
+        return "train"
+    role = path.read_text().strip()
+    if role not in ROLES:
+        raise CertError(f"{path}: role '{role}' is not one of {', '.join(ROLES)}")
+    return role
+
+
+def public_key_der(data: bytes) -> bytes:
+    """A public key (OpenSSH ``.pub`` line or PEM, as Flower stores it) as DER
+    SubjectPublicKeyInfo bytes, the form in which two keys are compared."""
+    text = data.strip()
+    key = (serialization.load_pem_public_key(text) if text.startswith(b"-----BEGIN")
+           else serialization.load_ssh_public_key(text))
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -13,10 +13,13 @@ EPILOG = """\
 examples:
   hcc-fl certs init --dir pki --host coordinator.example.org --host 10.0.0.5
   hcc-fl certs add-site site_A --dir pki     # hand pki/sites/site_A/ to that hospital
+  hcc-fl certs add-site site_EXT --role external --dir pki
+  hcc-fl certs revoke-site site_A --dir pki  # also takes it out of a running run
   hcc-fl-server --pki pki --port 9092 run_name=study1 federation.rounds=20
   hcc-fl-server --pki pki --port 9092 --resume runs/study1   # after a crash
 
 The coordinator holds no patient data: it runs the federated arms only (no baselines).
+A site's name and role are those of the allow-listed key it connects with.
 Sites connect with `hcc-fl-client --site-config SITE.yaml`.
 """
 

@@ -39,9 +39,9 @@ def run_deploy_demo(data_root: Path, runs_dir: Path, name: str, rounds: int,
     hcc = _script("hcc-fl")
     subprocess.run([hcc, "certs", "init", "--dir", str(pki)], check=True,
                    stdout=subprocess.DEVNULL)
-    for site in sites:
-        subprocess.run([hcc, "certs", "add-site", site, "--dir", str(pki)], check=True,
-                       stdout=subprocess.DEVNULL)
+    for site, entry in sites.items():  # the coordinator declares each site's role
+        subprocess.run([hcc, "certs", "add-site", site, "--dir", str(pki),
+                        "--role", str(entry["role"])], check=True, stdout=subprocess.DEVNULL)
     port = free_port()
     overrides = [f"data_root={data_root}", f"runs_dir={runs_dir}", f"run_name={name}",
                  f"federation.rounds={rounds}", "strategy=fedavg", "overwrite=true"]

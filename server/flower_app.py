@@ -20,13 +20,16 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from hcc_fl.server.identity import AllowList, SiteGate
 from hcc_fl.server.screen import check_pass1, check_pass2, declared_rows
 from hcc_fl.server.strategy import (
     CHECKPOINT_VERSION,
@@ -66,6 +69,28 @@ class FederationError(RuntimeError):
 
 AUDIT = AuditLog(None, "coordinator")  # replaced by run_arm with the run's audit file
 NAMES: dict[int, str] = {}  # node id -> site name, as far as known (for the audit log)
+GATE: SiteGate | None = None  # deployment with a PKI: identity from the key (run_arm sets it)
+
+
+def _refusal(sent: Message, reason: str) -> Message:
+    """The error reply that stands for a reply the coordinator refused (identity gate)."""
+    return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent)
+
+
+def site_gate(grid_: Grid, context: Context, training: list[str], external: str | None
+              ) -> Grid:
+    """With an allow-list in the run config (a deployment with a PKI), the grid behind the
+    identity gate (:mod:`hcc_fl.server.identity`): a node is the site whose key it holds.
+    Without one (simulation, ``--insecure``), the grid itself and the sites' own claims."""
+    global GATE
+    folder = str(context.run_config.get(R.RC_ALLOW_LIST, "") or "")
+    if not folder:
+        GATE = None
+        return grid_
+    GATE = SiteGate(grid_, AllowList(Path(folder)), AUDIT, _refusal)
+    GATE.expected = {**dict.fromkeys(training, R.ROLE_TRAIN),
+                     **({external: R.ROLE_EXTERNAL} if external else {})}
+    return cast(Grid, GATE)
 
 
 def _audit_sent(node_ids: list[int], action: str, content: RecordDict) -> None:
@@ -103,16 +128,21 @@ def _messages(node_ids: list[int], action: str, content: RecordDict) -> list[Mes
 def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
            timeout: float) -> list[Message]:
     messages = _messages(node_ids, action, content)
+    if GATE is not None:  # a refused node is not sent the message (the gate audits "not-sent")
+        node_ids = [n for n in node_ids if n not in GATE.refused]
     _audit_sent(node_ids, action, content)
     replies = list(grid_.send_and_receive(messages, timeout=timeout))
     _audit_received(replies, action)
-    _audit_missing(set(node_ids) - {r.metadata.src_node_id for r in replies}, action, timeout)
+    refused = set(GATE.refused) if GATE is not None else set()
+    _audit_missing(set(node_ids) - {r.metadata.src_node_id for r in replies} - refused, action,
+                   timeout)
     return replies
 
 
 def _site_infos(replies: list[Message], refused: set[int] | None) -> dict[int, dict[str, Any]]:
     """node id -> site description from ``site_info`` replies; nodes that answered with an
-    error go to ``refused``."""
+    error, or (with the identity gate) whose claimed name or role is not their key's, go to
+    ``refused``."""
     known: dict[int, dict[str, Any]] = {}
     for reply in replies:
         if reply.has_error():
@@ -123,6 +153,11 @@ def _site_infos(replies: list[Message], refused: set[int] | None) -> dict[int, d
             continue
         info = dict(reply.content[R.INFO])
         info.update({k: int(cast(Any, v)) for k, v in reply.content[R.METRICS].items()})
+        if GATE is not None and GATE.check_claim(reply.metadata.src_node_id,
+                                                 str(info.get("site")), str(info.get("role"))):
+            if refused is not None:
+                refused.add(reply.metadata.src_node_id)
+            continue
         known[reply.metadata.src_node_id] = info
         NAMES[reply.metadata.src_node_id] = str(info["site"])
     return known
@@ -173,9 +208,11 @@ def discover_sites(
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
+            if GATE is not None:  # named after the key they hold
+                NAMES.update({n: GATE.name(n) for n in new})
             _audit_sent(new, R.ACTION_SITE_INFO, RecordDict())
             ids = list(grid.push_messages(_messages(new, R.ACTION_SITE_INFO, RecordDict())))
-            pending.update(zip(ids, new, strict=True))
+            pending.update((i, n) for i, n in zip(ids, new, strict=True) if i)
             asked.update(new)
         if pending:
             replies = [r for r in grid.pull_messages(list(pending))
@@ -188,7 +225,12 @@ def discover_sites(
             if {v["site"] for v in known.values()} - before:
                 last_news = time.monotonic()
         found = {v["site"] for v in known.values()}
-        if expected <= found:
+        # a site whose key a refused node holds cannot join as well: no use waiting for it
+        gone = GATE.refused_sites() - found if GATE is not None else set()
+        if expected <= found | gone:
+            if gone & expected:
+                log.error("refused: %s (see the audit log); going on without them",
+                          _some(gone & expected))
             return known
         now = time.monotonic()
         if now > max(start, last_news) + timeout_s:
@@ -380,7 +422,10 @@ def external_evaluation(
     extra = {R.RECALIBRATION: json.dumps(recalibration)} if recalibration else {}
     content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(
         {"threshold": threshold, **(components or {}), **extra})})
-    reply = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)[0]
+    replies = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)
+    if not replies:
+        raise FederationError("external evaluation: no reply from the external site")
+    reply = replies[0]
     if reply.has_error():
         raise FederationError(f"external evaluation failed: {reply.error.reason}")
     return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
@@ -522,11 +567,15 @@ def run_arm(grid_: Grid, context: Context) -> None:
     arm_cfg, ssl_on = arm_strategy(cfg, arm)
     training = list(fed["training_sites"])
     external = fed.get("external_site")
+    grid_ = site_gate(grid_, context, training, external)
 
     sites = discover_sites(grid_, training, external, float(fed["discovery_timeout_s"]))
     names = {nid: str(v["site"]) for nid, v in sites.items()}
     train_nodes = [nid for nid, v in sites.items() if v["site"] in training]
     ext_nodes = [nid for nid, v in sites.items() if v["site"] == external]
+    if len(train_nodes) < int(fed["min_sites"]):
+        raise FederationError(f"{len(train_nodes)} training site(s) identified, fewer than "
+                              f"federation.min_sites={fed['min_sites']}")
     mine = code_version()
     for nid, v in sites.items():
         if v["code-version"] != mine:

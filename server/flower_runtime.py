@@ -9,6 +9,8 @@ installed, version-pinned ``hcc_fl`` package.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -17,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from hcc_fl.shared.audit import AuditLog
 from hcc_fl.shared.offline import OFFLINE_ENV
 from hcc_fl.shared.procs import die_with_parent
 from hcc_fl.shared.version import code_version
@@ -176,6 +180,7 @@ def simulation_superlink(
 
 
 ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+REFUSED_MARK = "refused node "  # server/identity.py logs "refused node <id> (<site>): why"
 
 
 def flwr_run(
@@ -206,6 +211,8 @@ def flwr_run(
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
+            if REFUSED_MARK in line:  # a node refused by the identity gate: on the console
+                print(line.rstrip(), file=sys.stderr, flush=True)
             m = ROUND_RE.search(line)
             if m and on_round:
                 on_round(int(m.group(1)), int(m.group(2)))
@@ -225,29 +232,122 @@ class Deployment:
     insecure: bool = False
 
 
-def _register_sites(link: SuperLink, pki: Path, log_file: Path) -> list[str]:
-    """Register every allow-listed site key with the SuperLink (Flower's control API)."""
+REGISTRY = "registered-keys.json"  # in the SuperLink's FLWR_HOME, next to its database
+
+
+def _key_id(pub: Path) -> str:
+    """A registered key's identifier: SHA-256 of its DER form."""
+    from hcc_fl.server.certs import public_key_der
+
+    return hashlib.sha256(public_key_der(pub.read_bytes())).hexdigest()
+
+
+def _flwr_cli(link: SuperLink, args: list[str], log_file: Path) -> tuple[int, str]:
+    out = subprocess.run([flower_executable("flwr"), *args], env=link.env,
+                         capture_output=True, text=True, timeout=120)
+    with log_file.open("a") as fh:
+        fh.write(out.stdout + out.stderr)
+    return out.returncode, out.stdout + out.stderr
+
+
+def sync_registrations(link: SuperLink, pki: Path, log_file: Path,
+                       audit: AuditLog | None = None) -> list[str]:
+    """Make the SuperLink's registered site keys exactly the allow-list (Flower's control
+    API, through the ``flwr`` CLI): register every key in ``authorized/`` not registered yet,
+    and unregister every key registered earlier that is no longer there (revoked while the
+    coordinator ran, or before a ``--resume`` on the old database). An unregistered node's
+    requests are refused by the SuperLink from then on.
+
+    The node id of each key we registered is kept in ``<FLWR_HOME>/registered-keys.json``
+    beside the SuperLink's database (``flwr supernode ls`` does not show keys). Returns the
+    allow-listed site names."""
     from hcc_fl.server.certs import allowed_sites
 
-    registered = []
+    path = link.home / REGISTRY
+    registry: dict[str, dict[str, Any]] = (json.loads(path.read_text()) if path.is_file()
+                                           else {})
+    allowed = {}
     for name, pub in allowed_sites(pki).items():
-        out = subprocess.run(
-            [flower_executable("flwr"), "supernode", "register", str(pub), "hccdeploy",
-             "--name", name],
-            env=link.env, capture_output=True, text=True, timeout=120,
-        )
-        with log_file.open("a") as fh:
-            fh.write(out.stdout + out.stderr)
-        if out.returncode != 0 and "already in use" not in out.stdout + out.stderr:
+        try:
+            allowed[_key_id(pub)] = (name, pub)
+        except (OSError, ValueError):  # revoked meanwhile, or not a key
+            log.warning("allow-list: %s skipped", pub)
+    for kid, entry in sorted(registry.items()):
+        if kid in allowed:
+            continue
+        rc, text = _flwr_cli(link, ["supernode", "unregister", str(entry["node_id"]),
+                                    "hccdeploy"], log_file)
+        if rc != 0 and "not found" not in text:
+            log.error("could not unregister site '%s' (node %s); see %s", entry["site"],
+                      entry["node_id"], log_file)
+            continue
+        del registry[kid]
+        log.warning("site '%s': key no longer on the allow-list, node %s unregistered",
+                    entry["site"], entry["node_id"])
+        if audit is not None:
+            audit.record("key-unregistered", peer=str(entry["site"]),
+                         decision="unregistered: key not on the allow-list")
+    for kid, (name, pub) in allowed.items():
+        if kid in registry:
+            continue
+        rc, text = _flwr_cli(link, ["supernode", "register", str(pub), "hccdeploy", "--name",
+                                    name, "--format", "json"], log_file)
+        found = re.search(r'"node-id":\s*(\d+)', text)
+        if found:
+            registry[kid] = {"site": name, "node_id": int(found.group(1))}
+            if audit is not None:
+                audit.record("key-registered", peer=name, decision="registered")
+        elif "already in use" not in text:
             raise RuntimeError(f"registering site '{name}' ({pub}) failed; see {log_file}")
-        registered.append(name)
-    return registered
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(registry, indent=1))
+    tmp.replace(path)
+    return sorted(name for name, _ in allowed.values())
+
+
+def _allow_list_state(pki: Path) -> list[tuple[str, int, int]]:
+    """What changes when a key is added to or revoked from ``authorized/`` (cheap to poll)."""
+    out = []
+    for p in sorted((pki / "authorized").glob("*.pub")):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            out.append((p.name, st.st_mtime_ns, st.st_size))
+    return out
+
+
+@contextlib.contextmanager
+def allow_list_watcher(link: SuperLink, pki: Path, log_file: Path, audit: AuditLog | None,
+                       every_s: float = 2.0) -> Iterator[None]:
+    """While the context is open, re-sync the SuperLink's registrations whenever
+    ``authorized/`` changes (polled every ``every_s`` seconds; the ``flwr`` CLI runs only on a
+    change), so that ``hcc-fl certs revoke-site`` takes effect during a run."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        last = _allow_list_state(pki)
+        while not stop.wait(every_s):
+            now = _allow_list_state(pki)
+            if now == last:
+                continue
+            last = now
+            try:
+                sync_registrations(link, pki, log_file, audit)
+            except Exception:  # keep watching; the ServerApp refuses revoked keys anyway
+                log.exception("re-reading the allow-list failed")
+
+    thread = threading.Thread(target=watch, name="allow-list-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager
 def deployment_superlink(
     home: Path, deploy: Deployment, database: Path, log_file: Path, startup_s: float = 60.0,
-    proxy_dir: Path | None = None,
+    proxy_dir: Path | None = None, audit_path: Path | None = None,
 ) -> Iterator[SuperLink]:
     """Start the coordinator's SuperLink (TLS + SuperNode authentication unless insecure),
     register the allow-listed site keys, and stop everything on exit.
@@ -258,6 +358,8 @@ def deployment_superlink(
     ``--insecure`` (local tests) binds the SuperLink itself to ``deploy.host:deploy.port``.
     ``proxy_dir`` (default ``home/proxy``) holds nginx's configuration, logs and pids; keep it
     the same for the same port, so that a restart after a crash can clear what nginx left.
+    The registered keys follow ``<pki>/authorized`` at start and while the SuperLink runs
+    (:func:`sync_registrations`, :func:`allow_list_watcher`); changes go to ``audit_path``.
     """
     from hcc_fl.server.proxy import fleet_proxy
 
@@ -294,8 +396,10 @@ def deployment_superlink(
         _wait_healthy(proc, f"{scheme}://127.0.0.1:{port}/health", verify, startup_s, log_file)
         with contextlib.ExitStack() as stack:
             if pki is not None:
-                names = _register_sites(link, pki, log_file)
+                audit = AuditLog(audit_path, "coordinator") if audit_path else None
+                names = sync_registrations(link, pki, log_file, audit)
                 log.info("registered site keys: %s", ", ".join(names) or "none")
+                stack.enter_context(allow_list_watcher(link, pki, log_file, audit))
                 stack.enter_context(fleet_proxy(
                     deploy.host, deploy.port, port, pki / "server/server.crt",
                     pki / "server/server.key", pki / "ca/ca.crt", proxy_dir or home / "proxy",

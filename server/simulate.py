@@ -29,6 +29,7 @@ from hcc_fl.server.flower_runtime import (
     simulation_superlink,
     write_app_bundle,
 )
+from hcc_fl.shared import records as R
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import internal_vs_external
 from hcc_fl.shared.jsonio import clean, write_json
@@ -304,7 +305,8 @@ def run_simulation(
             if deployment is None else
             deployment_superlink(work / ".flwr", deployment, work / ".flwr" / "link.db",
                                  work / "logs" / "superlink.log",
-                                 proxy_dir=runs_dir / f".nginx-{deployment.port}")
+                                 proxy_dir=runs_dir / f".nginx-{deployment.port}",
+                                 audit_path=work / "logs" / "audit-coordinator.jsonl")
         )
         with link_cm as link:
             if deployment is not None:
@@ -319,8 +321,12 @@ def run_simulation(
                 (work / "arms" / arm / "error.json").unlink(missing_ok=True)
                 app_dir = write_app_bundle(
                     work / "app" / arm,
-                    _run_config({**cfg, "insecure": bool(deployment and deployment.insecure),
-                                 "_resume": resuming}, arm, work, data_root),
+                    {**_run_config({**cfg, "insecure": bool(deployment and deployment.insecure),
+                                    "_resume": resuming}, arm, work, data_root),
+                     # the key decides who a node is (server/identity.py); none in simulation
+                     R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
+                     if deployment is not None and deployment.pki is not None
+                     and not deployment.insecure else ""},
                 )
                 bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
                            disable=None if not quiet else True, leave=True)

@@ -108,17 +108,18 @@ def _certs(args: argparse.Namespace) -> int:
             print(f"  keep private:    {folder / 'ca' / 'ca.key'}, "
                   f"{folder / 'server' / 'server.key'}")
         elif args.action == "add-site":
-            out = certs.add_site(folder, args.name)
-            print(f"site '{args.name}' registered ({folder / 'authorized' / (args.name + '.pub')})")
+            out = certs.add_site(folder, args.name, args.role)
+            print(f"site '{args.name}' registered, role {args.role} "
+                  f"({folder / 'authorized' / (args.name + '.pub')})")
             print(f"  hand {out}/ to that site only (its private key {args.name}.key and ca.crt),"
                   " then delete the private key here")
         elif args.action == "revoke-site":
             certs.revoke_site(folder, args.name)
-            print(f"site '{args.name}' revoked: its key is no longer registered at the next "
-                  "coordinator start")
+            print(f"site '{args.name}' revoked: a running coordinator takes it out of the run "
+                  "within a round and unregisters its key; later starts do not register it")
         else:
             for name, path in certs.allowed_sites(folder).items():
-                print(f"{name:<20} {path}")
+                print(f"{name:<20} {certs.site_role(folder, name):<9} {path}")
     except certs.CertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -182,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "certs", help="create the coordinator's CA/TLS certificate and the sites' keys",
         description="Manage the coordinator's PKI: `init` creates a CA and the coordinator's "
-        "TLS certificate (SANs from --host); `add-site NAME` creates that site's EC P-384 key "
-        "pair and puts its public key on the allow-list without re-issuing anything else; "
-        "`revoke-site NAME` removes it from the allow-list; `list` shows the allowed sites.",
+        "TLS certificate (SANs from --host); `add-site NAME [--role external]` creates that "
+        "site's EC P-384 key pair and puts its public key and role on the allow-list without "
+        "re-issuing anything else (a site's name and role are those of the key it connects "
+        "with); `revoke-site NAME` removes it from the allow-list, also from a running "
+        "coordinator's run; `list` shows the allowed sites and their roles.",
     )
     c.add_argument("action", choices=("init", "add-site", "revoke-site", "list"))
     c.add_argument("name", nargs="?", help="site name (add-site, revoke-site)")
@@ -193,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host name or IP for the certificate's SANs (repeat; default: "
                    "localhost and 127.0.0.1)")
     c.add_argument("--force", action="store_true", help="init: replace an existing PKI")
+    c.add_argument("--role", choices=("train", "external"), default="train",
+                   help="add-site: the site's role, declared here and not by the site "
+                   "(default: %(default)s)")
     c.set_defaults(func=_certs)
     return p
 

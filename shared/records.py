@@ -22,6 +22,8 @@ ACTION_SECAGG_SHARE = "secagg_share"
 ACTION_SECAGG_MASKED = "secagg_masked"
 ACTION_SECAGG_UNMASK = "secagg_unmask"
 
+RC_ALLOW_LIST = "allow-list"  # run config: the coordinator's <pki>/authorized ("" = no PKI)
+
 ROLE_TRAIN = "train"
 ROLE_EXTERNAL = "external"
 RECAL_INTERCEPT = "recal-intercept"  # ConfigRecord keys of ACTION_RECALIBRATION: the point

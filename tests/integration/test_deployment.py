@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pydicom
@@ -84,13 +84,15 @@ def _site_yaml(folder: Path, site: str, role: str, manifest: Path, port: int, ca
     return path
 
 
-def make_pki(folder: Path, sites: Iterable[str]) -> Path:
-    """A PKI made with the real CLI: `hcc-fl certs init`, then `add-site` for each site."""
+def make_pki(folder: Path, sites: Iterable[str] | Mapping[str, str]) -> Path:
+    """A PKI made with the real CLI: `hcc-fl certs init`, then `add-site` for each site (with
+    its role when ``sites`` maps names to roles; else ``train``)."""
     subprocess.run([script("hcc-fl"), "certs", "init", "--dir", str(folder)], check=True,
                    capture_output=True, timeout=60)
     for site in sites:
-        subprocess.run([script("hcc-fl"), "certs", "add-site", site, "--dir", str(folder)],
-                       check=True, capture_output=True, timeout=60)
+        role = sites[site] if isinstance(sites, Mapping) else "train"
+        subprocess.run([script("hcc-fl"), "certs", "add-site", site, "--dir", str(folder),
+                        "--role", role], check=True, capture_output=True, timeout=60)
     return folder
 
 
