@@ -212,7 +212,7 @@ def flwr_run(
         for line in proc.stdout:
             out.write(line)
             if REFUSED_MARK in line:  # a node refused by the identity gate: on the console
-                print(line.rstrip(), file=sys.stderr, flush=True)
+                log.warning("%s", line.rstrip())
             m = ROUND_RE.search(line)
             if m and on_round:
                 on_round(int(m.group(1)), int(m.group(2)))

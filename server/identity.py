@@ -24,6 +24,7 @@ error replies for it); it reads the allow-list with :mod:`hcc_fl.server.certs`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,10 +47,27 @@ class Identity:
 
 
 class AllowList:
-    """The coordinator's allow-list (``<pki>/authorized``), read from disk at every call."""
+    """The coordinator's allow-list (``<pki>/authorized``), as it is on disk at every call: the
+    folder is listed each time (names, sizes, modification times) and its keys are parsed again
+    only when that listing changed."""
 
     def __init__(self, authorized: Path) -> None:
         self.folder = Path(authorized)
+        self._cached: tuple[tuple[tuple[str, int, int], ...], dict[bytes, Identity]] | None = None
+
+    def _listing(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return ()
+        out = []
+        for e in entries:
+            try:
+                st = e.stat()
+            except OSError:  # moved away meanwhile
+                continue
+            out.append((e.name, st.st_size, st.st_mtime_ns))
+        return tuple(sorted(out))
 
     def _read(self, folder: Path) -> dict[bytes, str]:
         out: dict[bytes, str] = {}
@@ -62,6 +80,9 @@ class AllowList:
 
     def current(self) -> dict[bytes, Identity]:
         """Key (DER) -> identity of every allow-listed site, as the folder is now."""
+        listing = self._listing()
+        if self._cached is not None and self._cached[0] == listing:
+            return dict(self._cached[1])
         out = {}
         for key, name in self._read(self.folder).items():
             try:
@@ -70,7 +91,8 @@ class AllowList:
                 log.warning("allow-list: %s skipped (%s)", name, exc)
                 continue
             out[key] = Identity(name, role, key)
-        return out
+        self._cached = (listing, out)
+        return dict(out)
 
     def revoked_name(self, key: bytes) -> str | None:
         """The site a revoked key belonged to (``<pki>/revoked``), if any."""
