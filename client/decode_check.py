@@ -203,7 +203,11 @@ def check_mask_size(path: Path, limits: SizeLimits | None = None) -> tuple[int, 
         try:
             with Image.open(path) as img:
                 shape, itemsize = (int(img.height), int(img.width)), 4
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError:
+            raise DataError.single(path, "the mask's header declares more pixels than Pillow "
+                                         "opens, far above the site's limit per image "
+                                         "(max_image_mb); nothing was decoded") from None
+        except (OSError, ValueError, UnidentifiedImageError) as exc:
             raise DataError.single(path, f"image cannot be decoded ({type(exc).__name__})"
                                    ) from exc
     if len(shape) != 2:

@@ -160,7 +160,15 @@ def read_cine(path: str | Path, limits: SizeLimits | None = None) -> Cine:
         return _read_video(path, limits)
     ds, arr = _decode(path, limits)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)  # a positive integer: check_dicom_size
-    lum = _luminance(arr, ds, path)
+    try:
+        lum = _luminance(arr, ds, path)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. PALETTE COLOR without its lookup tables
+        raise DataError.single(path, f"pixel data cannot be converted to grey levels "
+                                     f"(PhotometricInterpretation "
+                                     f"{ds.get('PhotometricInterpretation', 'none')!s}: "
+                                     f"{type(exc).__name__})") from None
     if n_frames == 1 and lum.ndim == 2:
         lum = lum[None]
     if lum.ndim != 3 or lum.shape[0] != n_frames:

@@ -167,8 +167,8 @@ def _decode_row(manifest: Path, root: Path, line: int, row: dict[str, str], task
 
     for col in columns:
         raw = row[col.name]
-        if not raw or col.kind == "dicom_dir":
-            continue
+        if not raw or col.kind == "dicom_dir" or (task.name == "phcc_mri" and col.kind == "mask"):
+            continue  # phcc_mri: the series and its mask are read together below
         try:
             if col.kind == "mask":
                 m = read_mask(resolve(raw))
@@ -197,11 +197,15 @@ def _decode_row(manifest: Path, root: Path, line: int, row: dict[str, str], task
     if task.name == "phcc_mri":
         from hcc_fl.client.mri import read_manifest_row
 
+        mask = str(resolve(row["mr_lesion_mask"])) if row.get("mr_lesion_mask") else None
         try:
             read_manifest_row(root, row)
         except DataError as exc:
             for i in exc.issues:
-                issue("mr_pre_dir", i.message + " (the series in this row)")
+                if i.file == mask:
+                    issue("mr_lesion_mask", i.message + " (the file in this cell)")
+                else:
+                    issue("mr_pre_dir", i.message + " (the series in this row)")
         except ValueError:
             issue("mr_lesion_mask", "the lesion mask does not fit the series (the file in this "
                                     "cell)")

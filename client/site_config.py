@@ -13,6 +13,8 @@
     allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
+    max_image_mb: 2048                  # per-image decode limit in MiB, checked before decoding
+    allowed_roots: []                   # folders besides the manifest's that paths may point into
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from hcc_fl.client.decode_check import DEFAULT_MAX_IMAGE_MB
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.tasks import TASKS
 
@@ -46,6 +49,8 @@ class SiteConfig:
     allowed_code_versions: tuple[str, ...] = ()
     audit_log: Path | None = None
     privacy_budget: float | None = None
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+    allowed_roots: tuple[Path, ...] = ()
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -96,6 +101,14 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
                                or budget <= 0):
         raise DataError.single(path, f"must be a positive number (total epsilon), got {budget!r}",
                                column="privacy_budget")
+    max_mb = raw.get("max_image_mb", DEFAULT_MAX_IMAGE_MB)
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not (
+            0 < max_mb < float("inf")):
+        raise DataError.single(path, "must be a positive number of MiB (the per-image decode "
+                               "limit)", column="max_image_mb")
+    roots = raw.get("allowed_roots") or []
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise DataError.single(path, "must be a list of folder paths", column="allowed_roots")
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -105,6 +118,8 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         allowed_code_versions=tuple(allowed),
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
         privacy_budget=None if budget is None else float(budget),
+        max_image_mb=float(max_mb),
+        allowed_roots=tuple(resolve(r) for r in roots),
     )
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():
