@@ -131,9 +131,10 @@ def check_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any]) -> 
     # Pooled over the training sites, before any training: the loss needs both classes in
     # 'train', the Youden threshold and the recalibration in the threshold split.
     training = list(fed["training_sites"])
-    needed = dict.fromkeys(("train", *threshold_splits(str(cfg["evaluation"]["threshold_split"]))))
-    for split in needed:
-        pooled = set().union(*(labels[s].get(split, set()) for s in training))
+    threshold = str(cfg["evaluation"]["threshold_split"])
+    needed = {"train": ("train",), threshold: threshold_splits(threshold)}
+    for split, parts in needed.items():
+        pooled = set().union(*(labels[s].get(p, set()) for s in training for p in parts))
         if not {"0", "1"} <= pooled:
             issues.append(DataIssue(
                 "federation.training_sites", f"split '{split}' of the training sites "

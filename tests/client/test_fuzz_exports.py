@@ -18,7 +18,6 @@ import subprocess
 import tracemalloc
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def _write_site(site: Path, seed: int, n: int = 3) -> None:
                             1.5, 3.0)
         cv2.imwrite(str(pdir / "mr_lesion_mask.png"), mask[:MR_SIDE, :MR_SIDE])
         label = str(i % 2)
-        row = {c: "" for c in MANIFEST_COLUMNS}
+        row = dict.fromkeys(MANIFEST_COLUMNS, "")
         row.update({
             "patient_id": pid, "site": site.name, "split": "val" if i == n - 1 else "train",
             "ceus_cine": f"{rel}/ceus_cine.dcm", "ceus_roi_x0": "4", "ceus_roi_y0": "4",
