@@ -18,6 +18,9 @@ class ConfigError(ValueError):
     """An experiment configuration that cannot run; the message names the key."""
 
 
+#: Keys whose default is a whole number but which take any number (seconds, ratios, days).
+FRACTIONAL = {"federation.round_timeout_s", "federation.discovery_timeout_s",
+              "federation.max_update_norm_ratio", "task.cox_horizon"}
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
@@ -31,6 +34,8 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     out = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(out, dict)
     result = cast(dict[str, Any], out)
+    if isinstance(result.get("run_name"), int) and not isinstance(result["run_name"], bool):
+        result["run_name"] = str(result["run_name"])  # run_name=2024 is a name, not a number
     check_types(result, _defaults(overrides))
     try:
         check_config(result)
@@ -92,7 +97,7 @@ def check_types(cfg: dict[str, Any], reference: dict[str, Any], where: str = "")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, float) \
-                and value != int(value):
+                and value != int(value) and path not in FRACTIONAL:
             raise ConfigError(f"{path}: expected a whole number (like the default {ref!r}), got "
                               f"{value!r}")
 
