@@ -320,7 +320,7 @@ def validate_manifest(
             reader = csv.reader(fh)
             header = next(reader, [])
             table = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
         raise DataError.single(path, f"not a readable CSV file ({type(exc).__name__})") from exc
     header = [h.strip() for h in header]
     issues += _header_issues(path, header)
