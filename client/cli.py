@@ -59,6 +59,7 @@ def _run_site(args: argparse.Namespace) -> int:
         return 1
     print(f"{cfg.site}: data check passed ({len(manifest.rows)} rows, task {task.name}, "
           f"role {cfg.role}); connecting to {cfg.coordinator}", flush=True)
+    print(f"{cfg.site}: release policy {cfg.disclosure.describe()}", flush=True)
     home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     audit = cfg.audit_log or home / "audit.jsonl"
@@ -66,6 +67,8 @@ def _run_site(args: argparse.Namespace) -> int:
     node_config = (f'manifest="{cfg.manifest}" site="{cfg.site}" role="{cfg.role}" '
                    f'task="{cfg.task}" audit="{audit}" state="{home}" '
                    f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget}')
+    node_config += "".join(f' {k}="{v}"' if isinstance(v, str) else f" {k}={v}"
+                           for k, v in cfg.disclosure.as_config().items())
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
     if cfg.max_retries > 0:

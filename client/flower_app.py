@@ -40,6 +40,7 @@ from hcc_fl.client.components import (
     site_tabular,
 )
 from hcc_fl.client.data import SiteData, load_site
+from hcc_fl.client.disclosure import ReleasePolicy
 from hcc_fl.client.evaluate import ssl_validation, validation_metrics
 from hcc_fl.client.privacy import (
     PrivacyConfig,
@@ -467,14 +468,14 @@ def _validation_vector(msg: Message, context: Context, purpose: str) -> np.ndarr
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     if purpose == "validation_sums":
-        sums = validation_sums_prob(y, prob, _grid(context))
+        sums = validation_sums_prob(y, prob, _grid(context), _policy(context))
         return np.concatenate([sums["pos"], sums["neg"], sums["calibration"].ravel(),
                                [sums["n"], sums["n_pos"], sums["loss"] * sums["n"]]])
     if purpose == "validation_placements":
         pooled = cast(MetricRecord, msg.content[R.METRICS])
         hist = (np.asarray(pooled["pos"], dtype=np.float64),
                 np.asarray(pooled["neg"], dtype=np.float64))
-        return validation_placements_prob(y, prob, hist, _grid(context))
+        return validation_placements_prob(y, prob, hist, _grid(context), _policy(context))
     raise ValueError(f"unknown secure-aggregation purpose '{purpose}'")
 
 
@@ -513,6 +514,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
 
 
+def _policy(context: Context) -> ReleasePolicy:
+    """The site's release policy: from SITE.yaml (node config) in a deployment, where the
+    coordinator cannot change it; from the run config in simulation (the same for every site)."""
+    nc = context.node_config
+    return ReleasePolicy.from_config(nc if "manifest" in nc else context.run_config)
+
+
 def _grid(context: Context) -> ScoreGrid:
     return ScoreGrid(int(_num(context.run_config, "histogram-bins")))
 
@@ -527,9 +535,12 @@ def validation_pass1(msg: Message, context: Context) -> Message:
         raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
-    sums = validation_sums_prob(y, prob, _grid(context))
+    sums = validation_sums_prob(y, prob, _grid(context), _policy(context))
     auc_lo, auc_hi = sums["auc_ci"] or (math.nan, math.nan)
-    metrics = MetricRecord({
+    cells = sums["cells"]
+    released = ({} if cells is None else
+                {R.CELL_STARTS: list(cells.starts), R.CELL_CANDIDATES: cells.n_candidates})
+    metrics = MetricRecord({**released,
         "pos": sums["pos"].tolist(), "neg": sums["neg"].tolist(),
         "calibration": sums["calibration"].ravel().tolist(),
         "n": sums["n"], "n-pos": sums["n_pos"], "loss": sums["loss"],
@@ -551,7 +562,7 @@ def validation_pass2(msg: Message, context: Context) -> Message:
     pooled = cast(MetricRecord, msg.content[R.METRICS])
     hist = (np.asarray(pooled["pos"], dtype=np.float64),
             np.asarray(pooled["neg"], dtype=np.float64))
-    vec = validation_placements_prob(y, prob, hist, _grid(context))
+    vec = validation_placements_prob(y, prob, hist, _grid(context), _policy(context))
     return Message(RecordDict({R.METRICS: MetricRecord({"sums": vec.tolist()})}), reply_to=msg)
 
 
@@ -571,7 +582,7 @@ def recalibration_step(msg: Message, context: Context) -> Message:
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     return Message(RecordDict({R.METRICS: MetricRecord(
-        {"sums": recalibration_sums(y, prob, coef)})}), reply_to=msg)
+        {"sums": recalibration_sums(y, prob, coef, _policy(context))})}), reply_to=msg)
 
 
 @app.query(R.ACTION_EXTERNAL)
@@ -588,7 +599,8 @@ def external_eval(msg: Message, context: Context) -> Message:
     recalibrations = ({scorer.components.deep: Recalibration.from_dict(
         json.loads(str(cfg[R.RECALIBRATION])))} if R.RECALIBRATION in cfg else None)
     data = _load(site, context, ("test",))
-    out = external_components(scorer, thresholds, data.survival, recalibrations)
+    out = external_components(scorer, thresholds, data.survival, recalibrations,
+                              _policy(context))
     report = dict(out["components"][scorer.components.deep])
     if len(thresholds) > 1 or out["resplit_auc"]:
         report.update(out)

@@ -13,6 +13,11 @@
     allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
+    disclosure:                         # what this site's statistics may say (docs/privacy.md)
+      mode: cells                       # cells (default) | exact
+      min_cell: 5                       # every released count is 0 or >= min_cell
+      min_split: 10                     # nothing is released about a split of fewer patients
+      cell_width: 0.01                  # candidate score cells that the site merges
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.tasks import TASKS
 
@@ -46,6 +52,7 @@ class SiteConfig:
     allowed_code_versions: tuple[str, ...] = ()
     audit_log: Path | None = None
     privacy_budget: float | None = None
+    disclosure: ReleasePolicy = ReleasePolicy()
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -96,6 +103,14 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
                                or budget <= 0):
         raise DataError.single(path, f"must be a positive number (total epsilon), got {budget!r}",
                                column="privacy_budget")
+    raw_policy = raw.get("disclosure") or {}
+    if not isinstance(raw_policy, dict):
+        raise DataError.single(path, "must be a mapping (mode, min_cell, min_split, cell_width)",
+                               column="disclosure")
+    try:
+        policy = ReleasePolicy.from_mapping(raw_policy)
+    except (TypeError, ValueError) as exc:
+        raise DataError.single(path, str(exc), column="disclosure") from None
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -105,6 +120,7 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         allowed_code_versions=tuple(allowed),
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
         privacy_budget=None if budget is None else float(budget),
+        disclosure=policy,
     )
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():

@@ -9,6 +9,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.tasks import TASKS
 
 
@@ -108,6 +109,10 @@ def check_config(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox)")
     if len(set(names)) != len(names):
         raise ConfigError("strategy.arms: each strategy may appear once")
+    try:
+        ReleasePolicy.from_mapping(cfg.get("disclosure") or {})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     if cfg["evaluation"]["threshold_split"] not in ("val", "train", "all"):
         raise ConfigError("evaluation.threshold_split must be val, train or all")
     if not isinstance(cfg["evaluation"].get("recalibration", True), bool):

@@ -30,6 +30,7 @@ from hcc_fl.server.flower_runtime import (
     write_app_bundle,
 )
 from hcc_fl.shared import records as R
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import internal_vs_external
 from hcc_fl.shared.jsonio import clean, write_json
@@ -148,6 +149,8 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "run-key": f"{cfg.get('run_name')}-{cfg.get('run_uid', 'x')}/{arm}",
         "privacy-dir": str(run_dir / "privacy"),
         **_privacy_run_config(cfg.get("privacy") or {"mode": "none"}),
+        # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
+        **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
     }
 

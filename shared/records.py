@@ -29,4 +29,6 @@ ROLE_EXTERNAL = "external"
 RECAL_INTERCEPT = "recal-intercept"  # ConfigRecord keys of ACTION_RECALIBRATION: the point
 RECAL_SLOPE = "recal-slope"  # at which a site returns its recalibration sums
 RECALIBRATION = "recalibration"  # external_eval config: JSON of the deep model's recalibration
+CELL_STARTS = "cell-starts"  # validation_sums reply (cells policy): where each released cell begins
+CELL_CANDIDATES = "cell-candidates"  # ... on a candidate grid of this many equal cells on [0, 1]
 REPORT = "report"  # ConfigRecord key holding a JSON document of aggregate statistics
