@@ -405,7 +405,10 @@ def secure_pooled_validation(
             "which secure aggregation cannot attribute")
     pooled = {"pos": counts[:nb], "neg": counts[nb:], "calibration": v1[2 * nb:-3],
               "n": n, "n_pos": n_pos, "loss": float(v1[-1] / max(n, 1)), "auc": None,
-              "auc_ci": None}
+              "auc_ci": None,
+              # each site applied its own release policy before masking; the coordinator sees
+              # neither the policies nor the cells, so it cannot bound the AUC
+              "release": "secure sum (the sites' policies are not visible)"}
     threshold, (pos, neg), validation = combine_pass1({"all sites (secure sum)": pooled}, grid)
     hist = RecordDict({R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
     v2 = run("validation_placements", 12, hist)

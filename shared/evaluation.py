@@ -69,10 +69,11 @@ def combine_pass1(
     intervals = [iv for v in per_site.values() for iv in
                  (cell_intervals(v["cells"]) if v.get("cells") is not None
                   else fine_cells(np.asarray(v["pos"]), np.asarray(v["neg"])))]
-    bounds = auc_bounds(intervals)
+    known = not any(v.get("release") for v in per_site.values())
+    bounds = auc_bounds(intervals) if known else (math.nan, math.nan)
     block: dict[str, Any] = {
-        "disclosure": {site: ("exact" if v.get("cells") is None else
-                              f"cells ({len(v['cells'].starts)} cells)")
+        "disclosure": {site: (v.get("release") or ("exact" if v.get("cells") is None else
+                                                    f"cells ({len(v['cells'].starts)} cells)"))
                        for site, v in sorted(per_site.items())},
         "per_site": {
             site: {k: v.get(k) for k in ("auc", "auc_ci", "n", "n_pos", "loss")}

@@ -281,3 +281,49 @@ def test_site_yaml_default_policy_is_cells(tmp_path: Any) -> None:
     cfg.write_text(base + "disclosure: {min_cell: 0}\n")
     with pytest.raises(DataError, match="min_cell"):
         load_site_config(cfg)
+
+
+def _pass1_reply(policy: ReleasePolicy) -> dict[str, Any]:
+    from hcc_fl.shared import records as R
+
+    rng = np.random.default_rng(5)
+    y, s = _site(rng, 30)
+    out = validation_sums_prob(y, s, GRID, policy)
+    reply = {"pos": out["pos"].tolist(), "neg": out["neg"].tolist(),
+             "calibration": out["calibration"].ravel().tolist(), "n": out["n"],
+             "n-pos": out["n_pos"], "loss": out["loss"], "auc": out["auc"],
+             "auc-lower": out["auc_ci"][0], "auc-upper": out["auc_ci"][1]}
+    if out["cells"] is not None:
+        reply[R.CELL_STARTS] = list(out["cells"].starts)
+        reply[R.CELL_CANDIDATES] = out["cells"].n_candidates
+    return reply
+
+
+@pytest.mark.parametrize("starts, candidates, why", [
+    ([3, 40], 100, "partition"), ([0, 40, 40], 100, "partition"), ([0, 120], 100, "partition"),
+    ([0, 0.5], 100, "whole"), ([0, 40], 10_001, "not in"), ([0, 1], 3, "align"),
+    ("0,40", 100, "list"), ([0, float("nan")], 100, "non-finite"),
+])
+def test_a_hostile_sites_cells_are_screened(starts: Any, candidates: Any, why: str) -> None:
+    """The coordinator checks the cells a site declares in pass 1 (names the problem)."""
+    from hcc_fl.server.screen import check_pass1
+    from hcc_fl.shared import records as R
+
+    reply = _pass1_reply(CELLS)
+    assert check_pass1(reply, 10_000, 30)["cells"] is not None  # the honest reply passes
+    reply[R.CELL_STARTS] = starts
+    reply[R.CELL_CANDIDATES] = candidates
+    with pytest.raises(ValueError, match=why):
+        check_pass1(reply, 10_000, 30)
+
+
+def test_the_coordinators_bounds_come_from_the_screened_cells() -> None:
+    from hcc_fl.server.screen import check_pass1
+    from hcc_fl.shared.evaluation import combine_pass1
+
+    parsed = {"a": check_pass1(_pass1_reply(CELLS), 10_000, 30),
+              "b": check_pass1(_pass1_reply(EXACT), 10_000, 30)}
+    _, _, block = combine_pass1(parsed, GRID)
+    lo, hi = block["pooled"]["auc_bounds"]
+    assert 0 <= lo < hi <= 1
+    assert block["disclosure"]["b"] == "exact" and block["disclosure"]["a"].startswith("cells")
