@@ -9,6 +9,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hcc_fl.server import fedopt
 from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.tasks import TASKS
 
@@ -104,9 +105,15 @@ def check_config(cfg: dict[str, Any]) -> None:
     if fed.get("external_site") in fed["training_sites"]:
         raise ConfigError("federation.external_site must not also be a training site")
     names = [a["name"] for a in cfg["strategy"]["arms"]]
-    for name in names:
-        if name not in ("fedavg", "fedprox"):
-            raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox)")
+    for i, arm in enumerate(cfg["strategy"]["arms"]):
+        name = arm["name"]
+        if name not in ("fedavg", "fedprox", *fedopt.KINDS):
+            raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox, "
+                              f"{', '.join(fedopt.KINDS)})")
+        try:
+            fedopt.from_arm(arm)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"strategy.arms[{i}]: {exc}") from None
     if len(set(names)) != len(names):
         raise ConfigError("strategy.arms: each strategy may appear once")
     try:

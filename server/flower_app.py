@@ -460,7 +460,7 @@ def pretrain_ssl(
     torch.manual_seed(int(cfg["seed"]) + 1)
     ssl_model = build_ssl_model(cfg["task"]["name"], cfg["model"]["profile"])
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
-                              float(arm_cfg.get("proximal_mu", 0.0)))
+                              float(arm_cfg.get("proximal_mu", 0.0)), arm=dict(arm_cfg))
     strategy.setup_sites(  # type: ignore[attr-defined]
         f"{arm}:ssl", names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
@@ -594,7 +594,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
     privacy = cfg.get("privacy") or {"mode": "none"}
     central_dp = privacy.get("mode") == "central-dp"
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
-                              float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp)
+                              float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp,
+                              arm=dict(arm_cfg))
     sizes = {str(v["site"]): dict(v) for v in sites.values() if v["site"] in training}
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),

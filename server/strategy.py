@@ -55,6 +55,7 @@ from hcc_fl.server.aggregate import (
     sq_distance,
     weighted_mean,
 )
+from hcc_fl.server.fedopt import KINDS, ServerOptimizer, from_arm
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 from hcc_fl.shared.wire import is_packed, layout_of, pack, unpack
@@ -132,6 +133,7 @@ class SiteAwareMixin:
     central: CentralDP | None = None
     secagg: dict[str, Any] | None = None  # SecAggConfig fields except n and threshold
     transfer: str = "per-tensor"  # how round messages carry the model (shared/wire.py)
+    server_opt: ServerOptimizer | None = None  # FedOpt (server/fedopt.py); None = the aggregate
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -197,7 +199,11 @@ class SiteAwareMixin:
     def state(self) -> dict[str, Any]:
         """Everything the strategy needs to continue: history, rejections and, for strategies
         with a server optimiser, its moments (any numpy attributes named ``m_t``/``v_t``)."""
-        extra = {k: getattr(self, k) for k in ("m_t", "v_t") if getattr(self, k, None) is not None}
+        extra: dict[str, Any] = {}
+        if self.server_opt is not None:
+            extra = self.server_opt.state()
+            for k in ("m", "v"):  # checkpoints hold tensors (torch.load with weights_only)
+                extra[k] = {name: torch.from_numpy(a) for name, a in extra[k].items()}
         return {"history": list(self.history), "rejections": list(self.rejections),
                 "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra,
                 "central_releases": self.central.releases if self.central else 0,
@@ -211,8 +217,14 @@ class SiteAwareMixin:
         self.norm_history = [float(x) for x in state.get("norm_history", [])]
         if self.central is not None:
             self.central.releases = int(state.get("central_releases", 0))
-        for k, v in state.get("optimizer", {}).items():
-            setattr(self, k, v)
+        opt = state.get("optimizer") or {}
+        if self.server_opt is not None:
+            if not opt:
+                raise ValueError("the checkpoint has no server-optimiser state for this arm")
+            self.server_opt.load_state({**opt, **{k: {n: t.numpy() for n, t in opt[k].items()}
+                                                  for k in ("m", "v")}})
+        elif opt:
+            raise ValueError("the checkpoint holds a server optimiser's state; this arm has none")
 
     # --- sampling: only training sites ---------------------------------------------------------
     def _refresh_sites(self, grid: Grid) -> None:
@@ -698,6 +710,14 @@ class SiteAwareMixin:
                        layout_of({k: array_view(v) for k, v in template.items()}))
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
+    def _server_step(self, current: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
+        """The new global model: the aggregate itself, or the server optimiser's step with it."""
+        if self.server_opt is None:
+            return aggregate
+        out = self.server_opt.step({k: array_view(v) for k, v in current.items()},
+                                   {k: array_view(v) for k, v in aggregate.items()})
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -731,7 +751,7 @@ class SiteAwareMixin:
                 if new is not None:
                     new = self._from_wire(new, arrays)
             if new is not None:
-                arrays = new
+                arrays = self._server_step(arrays, new)
             sent = list(self.configure_evaluate(rnd, self._to_wire(arrays, transfer),
                                                 ConfigRecord(dict(evaluate_config)), grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
@@ -752,8 +772,10 @@ class HccFedProx(SiteAwareMixin, FedProx):
 
 
 def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
-                   equal_weights: bool = False) -> FedAvg:
-    """Build a strategy by name (``fedavg`` or ``fedprox``) for ``n_training`` sites.
+                   equal_weights: bool = False, arm: dict[str, Any] | None = None) -> FedAvg:
+    """Build a strategy by name (``fedavg``, ``fedprox``, or a FedOpt server optimiser:
+    ``fedadam``, ``fedyogi``, ``fedadagrad``, with the arm's ``server_lr``, ``beta_1``,
+    ``beta_2``, ``tau``; the sites train as under FedAvg) for ``n_training`` sites.
 
     ``equal_weights`` averages the sites' updates with equal weights (central DP's sensitivity
     analysis assumes it): the sites then send ``unit-weight = 1``."""
@@ -770,4 +792,8 @@ def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
         return HccFedAvg(**common)
     if name == "fedprox":
         return HccFedProx(proximal_mu=proximal_mu, **common)
-    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox")
+    if name in KINDS:
+        strategy = HccFedAvg(**common)
+        strategy.server_opt = from_arm({**(arm or {}), "name": name})
+        return strategy
+    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox, {', '.join(KINDS)}")
