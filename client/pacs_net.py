@@ -197,6 +197,11 @@ class DicomWebBackend:
             import requests
 
             session = requests.Session()
+            # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE replace a session's own CA file;
+            # the site's ca_file must win, so the environment is not trusted (its proxy
+            # settings are still taken).
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(self.address)
             session.verify = self._session_template.verify
             session.auth = self._session_template.auth
             session.headers.update(self._session_template.headers)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -57,10 +58,64 @@ class Orthanc:
     dicom_port: int
     proc: subprocess.Popen[bytes]
     folder: Path
+    https_port: int | None = None  # the TLS front (nginx), when started
+    ca_file: Path | None = None  # the CA that signed the front's certificate
+    front: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}/dicom-web"
+
+    def start_tls_front(self) -> None:
+        """HTTPS in front of Orthanc's HTTP port, as a hospital's reverse proxy does: nginx
+        with a certificate for 127.0.0.1 from a fresh CA (``ca_file``). Debian's Orthanc 1.10
+        crashes on its own TLS (SslEnabled) with OpenSSL 3, so the front is nginx."""
+        from hcc_fl.server.proxy import find_nginx
+
+        work = self.folder / "front"
+        pem, self.ca_file = tls_material(work / "pki")
+        self.https_port = free_port()
+        (work / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = work / "nginx.conf"
+        conf.write_text(f"""daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/tmp/body;
+    proxy_temp_path {work}/tmp/proxy;
+    fastcgi_temp_path {work}/tmp/fastcgi;
+    uwsgi_temp_path {work}/tmp/uwsgi;
+    scgi_temp_path {work}/tmp/scgi;
+    client_max_body_size 1g;
+    server {{
+        listen 127.0.0.1:{self.https_port} ssl;
+        ssl_certificate {work}/pki/server/server.crt;
+        ssl_certificate_key {work}/pki/server/server.key;
+        location / {{ proxy_pass http://127.0.0.1:{self.http_port}; proxy_buffering off; }}
+    }}
+}}
+""")
+        log = (work / "nginx.out").open("wb")
+        self.front = subprocess.Popen([find_nginx(), "-c", str(conf), "-p", str(work)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        while time.monotonic() < deadline:
+            if self.front.poll() is not None:
+                raise RuntimeError(f"nginx exited; see {work}/error.log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.https_port), timeout=2) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"nginx did not answer within 20 s; see {work}/error.log")
 
     @property
     def dicomweb_url(self) -> str:
@@ -86,12 +141,24 @@ class Orthanc:
         return n
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.terminate()
+            self.front.wait(timeout=15)
         self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def tls_material(folder: Path) -> tuple[Path, Path]:
+    """A CA and a certificate for 127.0.0.1 (the project's own PKI code): returns the
+    certificate (its key is server/server.key beside it) and the CA file."""
+    from hcc_fl.server.certs import init_pki
+
+    init_pki(folder, ["127.0.0.1"])
+    return folder / "server" / "server.crt", folder / "ca" / "ca.crt"
 
 
 def start_orthanc(folder: Path, moves: dict[str, tuple[str, int]] | None = None) -> Orthanc:

@@ -23,7 +23,15 @@ import torch
 from hcc_fl.client.data import load_site
 from hcc_fl.shared.phantom import default_sites, generate
 from tests.conftest import script
-from tests.orthanc import PASSWORD, USER, Orthanc, free_port, orthanc_binary, start_orthanc
+from tests.orthanc import (
+    PASSWORD,
+    USER,
+    Orthanc,
+    free_port,
+    orthanc_binary,
+    start_orthanc,
+    tls_material,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -66,6 +74,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Pacs:
         ds.save_as(f, enforce_file_format=True)
     move_port = free_port()
     server = start_orthanc(root / "orthanc", {MOVE_AE: ("127.0.0.1", move_port)})
+    server.start_tls_front()  # DICOMweb is pulled over HTTPS, verified with a CA file
     cohorts = {}
     for site in ("site_A", "site_B"):
         rows = list(csv.DictReader((phantom / site / "manifest.csv").open()))
@@ -95,12 +104,13 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Pacs:
 
 def _site_yaml(folder: Path, pacs: Pacs, protocol: str, task: str = "ki67_ceus",
                password: str = PASSWORD, port: int | None = None, retrieve: str = "get",
-               extra: str = "") -> Path:
+               extra: str = "", ca_file: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pacs.pw").write_text(password + "\n")
     if protocol == "dicomweb":
-        url = f"http://127.0.0.1:{port or pacs.server.http_port}/dicom-web"
-        section = (f"  url: {url}\n  username: {USER}\n  password_file: pacs.pw\n")
+        url = (f"https://127.0.0.1:{port}/dicom-web" if port else pacs.server.https_url)
+        section = (f"  url: {url}\n  username: {USER}\n  password_file: pacs.pw\n"
+                   f"  ca_file: {ca_file or pacs.server.ca_file}\n")
     else:
         section = (f"  host: 127.0.0.1\n  port: {port or pacs.server.dicom_port}\n"
                    f"  called_ae: ORTHANC\n  calling_ae: {MOVE_AE}\n  retrieve: {retrieve}\n"
@@ -274,9 +284,13 @@ def test_wrong_credentials_and_unreachable_pacs(pacs: Pacs, tmp_path: Path) -> N
     for protocol in ("dicomweb", "dimse"):
         out = _pull(pacs, _site_yaml(tmp_path / protocol, pacs, protocol, port=dead), "site_A")
         assert out.returncode == 1, out.stdout + out.stderr
-        assert f"cannot reach the PACS at {'http://' if protocol == 'dicomweb' else ''}" \
+        assert f"cannot reach the PACS at {'https://' if protocol == 'dicomweb' else ''}" \
                f"127.0.0.1:{dead}" in out.stderr, out.stderr
         assert not (tmp_path / protocol / "export" / "manifest.csv").exists()
+    # a PACS certificate that the site's CA file does not vouch for
+    _, other_ca = tls_material(tmp_path / "other-pki")
+    out = _pull(pacs, _site_yaml(tmp_path / "ca", pacs, "dicomweb", ca_file=other_ca), "site_A")
+    assert out.returncode == 1 and "TLS verification of the PACS" in out.stderr, out.stderr
 
 
 def test_bad_cohort_names_line_and_column(pacs: Pacs, tmp_path: Path) -> None:
