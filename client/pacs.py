@@ -437,6 +437,8 @@ def pull(
              cfg.protocol)
     columns = {c.name: c for c in task.columns}
     overrides = cfg.series_rules.get(task.name, {})
+    modalities = frozenset(c.modality for c in task.columns
+                           if c.kind in IMAGE_KINDS and c.modality)
     results = {r.patient_id: PatientResult(r.patient_id) for r in rows}
     mapping: dict[str, Any] = {}
     plans: dict[str, list[tuple[str, SeriesInfo, str, str]]] = {}
@@ -453,7 +455,7 @@ def pull(
             res.missing["study"] = f"{len(studies)} studies match this {by}; give study_uid"
             return
         study_of[row.patient_id] = studies[0]
-        picks = select_series(task, backend.series(studies[0]), overrides)
+        picks = select_series(task, backend.series(studies[0], modalities), overrides)
         plan = []
         for name, pick in picks.items():
             if pick.series is None:
@@ -472,6 +474,7 @@ def pull(
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         for fut in [pool.submit(search, r) for r in rows]:
             fut.result()
+    log.info("pull: searched %d stud(ies) in %.1f s", len(study_of), time.monotonic() - t0)
     _private_write(state / "pull-map.json", json.dumps(mapping, indent=1, sort_keys=True))
     total = sum(len(p) for p in plans.values())
     journal = Journal(journal_path)

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Both libraries log UIDs (and pynetdicom whole identifiers) at INFO: keep them off a default
+# log unless a caller chose their level.
+for _name in ("dicomweb_client", "pynetdicom"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class PacsError(RuntimeError):
@@ -80,7 +85,7 @@ class Backend(Protocol):
 
     def find_studies(self, study_uid: str | None, accession: str | None) -> list[str]: ...
 
-    def series(self, study_uid: str) -> list[SeriesInfo]: ...
+    def series(self, study_uid: str, modalities: frozenset[str]) -> list[SeriesInfo]: ...
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uids: Sequence[str],
                  sink: Sink) -> None: ...
@@ -133,8 +138,14 @@ QR_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 QR_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 QR_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
-INSTANCE_FIELDS = ("SOPClassUID", "NumberOfFrames", "InstanceNumber",
-                   "TemporalPositionIdentifier", "TriggerTime", "AcquisitionTime")
+INSTANCE_FIELDS = ("SOPClassUID", "NumberOfFrames", "InstanceNumber")
+# Only for MR (the DCE-MRI phase order): a PACS may read every file to answer these.
+TIMING_FIELDS = ("TemporalPositionIdentifier", "TriggerTime", "AcquisitionTime")
+
+
+def instance_fields(modality: str) -> list[str]:
+    """The instance-level attributes asked for a series of ``modality``."""
+    return [*INSTANCE_FIELDS, *(TIMING_FIELDS if modality == "MR" else ())]
 
 
 def _instance(get: Callable[[str], Any]) -> InstanceInfo:
@@ -257,25 +268,27 @@ class DicomWebBackend:
         return sorted({str(_json_value(s, "StudyInstanceUID")) for s in found
                        if _json_value(s, "StudyInstanceUID")})
 
-    def series(self, study_uid: str) -> list[SeriesInfo]:
+    def series(self, study_uid: str, modalities: frozenset[str]) -> list[SeriesInfo]:
+        """The study's series; instances are searched only for ``modalities``."""
         def series(c: Any) -> list[dict[str, Any]]:
             return list(c.search_for_series(
                 study_uid, fields=["SeriesDescription", "SeriesNumber", "Modality"]))
 
-        found = self._call(series, "search series")
         out = []
-        for s in found:
-            uid = str(_json_value(s, "SeriesInstanceUID") or "")
+        for item in self._call(series, "search series"):
+            info = SeriesInfo(str(_json_value(item, "SeriesInstanceUID") or ""),
+                              str(_json_value(item, "Modality") or ""),
+                              str(_json_value(item, "SeriesDescription") or ""),
+                              _int(_json_value(item, "SeriesNumber")))
+            if info.modality in modalities:
+                def instances(c: Any, uid: str = info.uid, mod: str = info.modality
+                              ) -> list[dict[str, Any]]:
+                    return list(c.search_for_instances(study_uid, uid,
+                                                       fields=instance_fields(mod)))
 
-            def instances(c: Any, uid: str = uid) -> list[dict[str, Any]]:
-                return list(c.search_for_instances(study_uid, uid, fields=list(INSTANCE_FIELDS)))
-
-            insts = self._call(instances, "search instances")
-            out.append(SeriesInfo(
-                uid, str(_json_value(s, "Modality") or ""),
-                str(_json_value(s, "SeriesDescription") or ""),
-                _int(_json_value(s, "SeriesNumber")),
-                [_instance(_getter_json(i)) for i in insts]))
+                info.instances = [_instance(_getter_json(i))
+                                  for i in self._call(instances, "search instances")]
+            out.append(info)
         return out
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uids: Sequence[str],
@@ -341,28 +354,31 @@ class DimseBackend:
         raise RetryableError(f"cannot reach the PACS at {self.address} (association "
                              f"{'aborted' if assoc.is_aborted else 'failed'})")
 
-    def _find(self, query: Dataset, what: str) -> list[Dataset]:
+    def _find(self, queries: Sequence[Dataset], what: str) -> list[list[Dataset]]:
+        """Answer each C-FIND query, all on one association."""
 
-        def once() -> list[Dataset]:
+        def once() -> list[list[Dataset]]:
             assoc = self._associate("find")
-            out: list[Dataset] = []
             try:
-                for status, identifier in assoc.send_c_find(
-                        query, QR_FIND):
-                    code = int(status.Status) if status is not None and "Status" in status else -1
-                    if code in (0xFF00, 0xFF01) and identifier is not None:
-                        out.append(identifier)
-                    elif code == -1:
-                        raise RetryableError(f"the PACS at {self.address} did not answer the "
-                                             f"C-FIND to {what}")
-                    elif code != 0:
-                        raise PacsError(f"the PACS at {self.address} answered C-FIND status "
-                                        f"0x{code:04X} to {what}")
+                return [self._find_one(assoc, q, what) for q in queries]
             finally:
                 assoc.release()
-            return out
 
         return with_retries(once, what, self.cfg)
+
+    def _find_one(self, assoc: Any, query: Dataset, what: str) -> list[Dataset]:
+        out: list[Dataset] = []
+        for status, identifier in assoc.send_c_find(query, QR_FIND):
+            code = int(status.Status) if status is not None and "Status" in status else -1
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                out.append(identifier)
+            elif code == -1:
+                raise RetryableError(f"the PACS at {self.address} did not answer the C-FIND "
+                                     f"to {what}")
+            elif code != 0:
+                raise PacsError(f"the PACS at {self.address} answered C-FIND status "
+                                f"0x{code:04X} to {what}")
+        return out
 
     def check(self) -> None:
         def once() -> None:
@@ -375,10 +391,11 @@ class DimseBackend:
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = study_uid or ""
         q.AccessionNumber = accession or "" if not study_uid else ""
-        found = self._find(q, "search studies")
+        found = self._find([q], "search studies")[0]
         return sorted({str(d.StudyInstanceUID) for d in found if d.get("StudyInstanceUID")})
 
-    def series(self, study_uid: str) -> list[SeriesInfo]:
+    def series(self, study_uid: str, modalities: frozenset[str]) -> list[SeriesInfo]:
+        """The study's series; instances are searched only for ``modalities``."""
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = study_uid
@@ -386,21 +403,25 @@ class DimseBackend:
         q.Modality = ""
         q.SeriesDescription = ""
         q.SeriesNumber = ""
-        out = []
-        for s in self._find(q, "search series"):
+        found = self._find([q], "search series")[0]
+        queries = []
+        wanted = [ser for ser in found if str(ser.get("Modality", "")) in modalities]
+        for ser in wanted:
             qi = Dataset()
             qi.QueryRetrieveLevel = "IMAGE"
             qi.StudyInstanceUID = study_uid
-            qi.SeriesInstanceUID = str(s.SeriesInstanceUID)
+            qi.SeriesInstanceUID = str(ser.SeriesInstanceUID)
             qi.SOPInstanceUID = ""
-            for k in INSTANCE_FIELDS:
+            for k in instance_fields(str(ser.get("Modality", ""))):
                 setattr(qi, k, "")
-            insts = self._find(qi, "search instances")
-            out.append(SeriesInfo(str(s.SeriesInstanceUID), str(s.get("Modality", "")),
-                                  str(s.get("SeriesDescription", "")),
-                                  _int(s.get("SeriesNumber")),
-                                  [_instance(d.get) for d in insts]))
-        return out
+            queries.append(qi)
+        answers = self._find(queries, "search instances") if queries else []
+        instances = {str(ser.SeriesInstanceUID): [_instance(d.get) for d in insts]
+                     for ser, insts in zip(wanted, answers, strict=True)}
+        return [SeriesInfo(str(ser.SeriesInstanceUID), str(ser.get("Modality", "")),
+                           str(ser.get("SeriesDescription", "")), _int(ser.get("SeriesNumber")),
+                           instances.get(str(ser.SeriesInstanceUID), []))
+                for ser in found]
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uids: Sequence[str],
                  sink: Sink) -> None:
