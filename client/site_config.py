@@ -14,7 +14,8 @@
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
 
-Relative paths are resolved against the folder of the YAML file.
+Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
+(where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`.
 """
 
 from __future__ import annotations
