@@ -307,3 +307,59 @@ def test_bad_cohort_names_line_and_column(pacs: Pacs, tmp_path: Path) -> None:
     assert f"{bad}, line 3, column 'sex'" in out.stderr
     assert f"{bad}, line 3, column 'study_uid': needs a study_uid or an accession_number" \
            in out.stderr
+
+
+def test_aclf_pull_copies_masks_from_the_cohort(pacs: Pacs, tmp_path: Path) -> None:
+    """T0/T1 stills by their series rules over DICOMweb, masks copied from the cohort's paths."""
+    cohort = pacs.root / "cohort_aclf.csv"
+    rows = list(csv.DictReader((pacs.phantom / "site_A" / "manifest.csv").open()))
+    cols = ["patient_id", "split", "age", "meld", "death_30d", "os_time", "os_event"]
+    with cohort.open("w", newline="") as fh, pacs.cohorts["site_A"].open() as src:
+        w = csv.writer(fh)
+        w.writerow([*cols, "liver_mask_t0", "liver_mask_t1", "study_uid", "accession_number"])
+        for r, c in zip(rows, csv.DictReader(src), strict=True):
+            masks = [f"phantom/site_A/{r[m]}" for m in ("liver_mask_t0", "liver_mask_t1")]
+            w.writerow([r[k] for k in cols] + masks + [c["study_uid"], c["accession_number"]])
+    pacs.cohorts["aclf"] = cohort
+    out = _pull(pacs, _site_yaml(tmp_path / "aclf", pacs, "dicomweb", task="aclf_us"), "aclf")
+    assert out.returncode == 0, out.stdout + out.stderr
+    manifest = tmp_path / "aclf" / "export" / "manifest.csv"
+    _check_data(pacs, manifest, "aclf_us")
+    for r, o in zip(csv.DictReader(manifest.open()), rows, strict=True):
+        for col in ("us_t0", "us_t1", "liver_mask_t0", "liver_mask_t1"):
+            got, want = manifest.parent / r[col], pacs.phantom / "site_A" / o[col]
+            if col.startswith("us_"):
+                assert np.array_equal(pydicom.dcmread(got).pixel_array,
+                                      pydicom.dcmread(want).pixel_array), col
+            else:
+                assert got.read_bytes() == want.read_bytes(), col
+
+
+def test_series_rules_pick_every_task_on_the_phantom(pacs: Pacs) -> None:
+    """The built-in rules find every image column of all five tasks in a phantom study, and
+    a SITE.yaml override replaces a rule (here: one that matches nothing)."""
+    from hcc_fl.client.pacs import select_series
+    from hcc_fl.client.pacs_net import InstanceInfo, SeriesInfo
+    from hcc_fl.shared.tasks import TASKS
+
+    series: dict[str, SeriesInfo] = {}
+    for f in sorted((pacs.phantom / "site_A" / "patients" / "A0001").rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        s = series.setdefault(str(ds.SeriesInstanceUID), SeriesInfo(
+            str(ds.SeriesInstanceUID), str(ds.Modality), str(ds.SeriesDescription),
+            int(ds.SeriesNumber)))
+        s.instances.append(InstanceInfo(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                        int(ds.get("NumberOfFrames", 1) or 1),
+                                        int(ds.InstanceNumber)))
+    described = {s.uid: s.description for s in series.values()}
+    expected = {"ceus_cine": "CEUS", "bmode": "BMODE", "ceus_ap": "CEUS_AP", "ceus_pp": "CEUS_PP",
+                "us_t0": "US_T0", "us_t1": "US_T1", "mr_pre_dir": "PRE", "mr_art_dir": "ART",
+                "mr_pv_dir": "PV", "mr_del_dir": "DEL"}
+    for task in TASKS.values():
+        picks = select_series(task, list(series.values()))
+        for col, pick in picks.items():
+            assert pick.series is not None, (task.name, col, pick.reason)
+            assert described[pick.series.uid] == expected[col], (task.name, col)
+        assert set(picks) == {c.name for c in task.columns if c.name in expected}
+    none = select_series(TASKS["ki67_ceus"], list(series.values()), {"ceus_cine": "kontrast"})
+    assert none["ceus_cine"].series is None and "ceus_cine" in none["ceus_cine"].reason
