@@ -53,7 +53,7 @@ deploy-demo: install system-deps $(DATA)/manifest_index.json
 	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2
 
 # The benchmarks (bench/README.md): JSON in bench/results/, then the README tables rebuilt.
-BENCHES ?= aggregation wire overhead scale parity
+BENCHES ?= aggregation wire overhead scale parity pacs_pull
 bench: install system-deps $(DATA)/manifest_index.json
 	@for b in $(BENCHES); do \
 	  case $$b in \
