@@ -375,25 +375,21 @@ class ExportExists(DataError):
 
 
 def _check_export(export: Path, manifest: Path, journal_path: Path, force: bool) -> None:
+    """Refuse to write over an export unless ``force``: a folder with a manifest, or one with
+    files while no pull of this state folder is in progress there (no journal)."""
     if force:
         return
     if manifest.exists():
         raise ExportExists.single(manifest, "an export already exists here: give --force to "
                                   "pull again over it (files the journal verifies are kept)")
-    known = set()
     if journal_path.is_file():
-        for line in journal_path.read_text().splitlines():
-            try:
-                known.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                continue
+        return  # an interrupted pull: its files are verified one by one, the rest refetched
     if export.is_dir():
-        stray = [p for p in export.rglob("*") if p.is_file() and not p.name.endswith(".part")
-                 and p.relative_to(export).as_posix() not in known]
-        if stray:
-            raise ExportExists.single(export, f"the export folder holds {len(stray)} file(s) "
-                                      "that no earlier pull wrote: give --force to pull into "
-                                      "it anyway, or choose an empty folder")
+        files = [p for p in export.rglob("*") if p.is_file()]
+        if files:
+            raise ExportExists.single(export, f"the export folder holds {len(files)} file(s) "
+                                      "that no pull of this site wrote: give --force to pull "
+                                      "into it anyway, or choose an empty folder")
 
 
 def pull(

@@ -180,7 +180,7 @@ def start_orthanc(folder: Path, moves: dict[str, tuple[str, int]] | None = None)
         "RemoteAccessAllowed": True,
         "AuthenticationEnabled": True,
         "RegisteredUsers": {USER: PASSWORD},
-        "DicomCheckCalledAet": False,
+        "DicomCheckCalledAet": True,
         "DicomAlwaysAllowFind": True,
         "DicomAlwaysAllowGet": True,
         "DicomAlwaysAllowStore": True,

@@ -189,6 +189,13 @@ def test_dicomweb_pull_check_data_and_same_inputs(pacs: Pacs, tmp_path: Path) ->
     # never over an existing export without --force; with it, verified files are kept
     again = _pull(pacs, site, "site_A")
     assert again.returncode == 1 and "already exists" in again.stderr
+    # nor into a folder with files of its own
+    other = _site_yaml(tmp_path / "other", pacs, "dicomweb")
+    (tmp_path / "other" / "export").mkdir()
+    (tmp_path / "other" / "export" / "notes.txt").write_text("keep me")
+    refused = _pull(pacs, other, "site_A")
+    assert refused.returncode == 1 and "no pull of this site wrote" in refused.stderr
+    assert (tmp_path / "other" / "export" / "notes.txt").read_text() == "keep me"
     forced = _pull(pacs, site, "site_A", "--force")
     assert forced.returncode == 0 and " 0 file(s)" in forced.stdout, forced.stdout
 
@@ -287,6 +294,11 @@ def test_wrong_credentials_and_unreachable_pacs(pacs: Pacs, tmp_path: Path) -> N
         assert f"cannot reach the PACS at {'https://' if protocol == 'dicomweb' else ''}" \
                f"127.0.0.1:{dead}" in out.stderr, out.stderr
         assert not (tmp_path / protocol / "export" / "manifest.csv").exists()
+    # a DIMSE association to the wrong AE title is rejected by the PACS
+    site = _site_yaml(tmp_path / "ae", pacs, "dimse")
+    site.write_text(site.read_text().replace("called_ae: ORTHANC", "called_ae: NOTTHEPACS"))
+    out = _pull(pacs, site, "site_A")
+    assert out.returncode == 1 and "rejected the association from AE" in out.stderr, out.stderr
     # a PACS certificate that the site's CA file does not vouch for
     _, other_ca = tls_material(tmp_path / "other-pki")
     out = _pull(pacs, _site_yaml(tmp_path / "ca", pacs, "dicomweb", ca_file=other_ca), "site_A")
