@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,7 +400,6 @@ def pull(
     state: Path,
     force: bool = False,
     progress: bool = True,
-    on_patient: Callable[[PatientResult], None] | None = None,
 ) -> PullResult:
     """Pull the cohort's studies into the export folder of ``manifest``.
 
@@ -477,20 +476,24 @@ def pull(
     limiter = RateLimit(cfg.max_mb_per_s)
     counters = {"files": 0, "bytes": 0}
     lock = threading.Lock()
-    bar = tqdm(total=total, unit="file", desc="pull", disable=not progress or None,
+    # a bar with ETA on a terminal (None: tqdm turns itself off when stderr is not one)
+    bar = tqdm(total=total, unit="file", desc="pull", disable=True if not progress else None,
                dynamic_ncols=True)
 
     def fetch(pid: str) -> None:
         res = results[pid]
         plan = plans.get(pid, [])
         todo: dict[tuple[str, str], list[tuple[str, str]]] = {}
-        series_of: dict[str, SeriesInfo] = {}
+        planned = {rel for *_, rel in plan}
+        for folder in {(export / rel).parent for *_, rel in plan if rel.count("/") > 2}:
+            for stale in folder.glob("*.dcm") if folder.is_dir() else ():
+                if stale.relative_to(export).as_posix() not in planned:
+                    stale.unlink()  # a series folder holds exactly the series' instances
         for name, series, sop, rel in plan:
             res.files += 1
             if verified(export, rel, sop, journal):
                 bar.update(1)
                 continue
-            series_of[series.uid] = series
             todo.setdefault((name, series.uid), []).append((sop, rel))
         for (name, suid), items in todo.items():
             where = dict(items)
