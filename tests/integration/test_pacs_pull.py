@@ -33,7 +33,7 @@ from tests.orthanc import (
     tls_material,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # a real Orthanc, CLI subprocesses
 
 KI67_COHORT = ["patient_id", "split", "ceus_roi_x0", "ceus_roi_y0", "ceus_roi_x1", "ceus_roi_y1",
                "age", "sex", "afp", "tumor_size_cm", "hbv", "cirrhosis", "bclc", "ki67_high"]
