@@ -41,12 +41,11 @@ def _check_data(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     """Build the site's export from the PACS (see :mod:`hcc_fl.client.pacs`)."""
     from hcc_fl.client.pacs import format_table, pull
-    from hcc_fl.client.pacs_config import load_pacs_config
+    from hcc_fl.client.pacs_config import load_pacs_config, load_pull_target
     from hcc_fl.client.pacs_net import PacsError
-    from hcc_fl.client.site_config import load_site_config
 
     try:
-        cfg = load_site_config(args.site_config)
+        cfg = load_pull_target(args.site_config)
         pacs = load_pacs_config(args.site_config)
         task = get_task(cfg.task)
         state = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()

@@ -63,6 +63,38 @@ class PacsConfig:
     series_rules: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PullTarget:
+    """What ``pull`` needs from SITE.yaml besides ``pacs:``: the site, its task and manifest."""
+
+    path: Path
+    site: str
+    task: str
+    manifest: Path
+
+
+def load_pull_target(path: str | Path) -> PullTarget:
+    """``site``, ``task`` and ``manifest`` of SITE.yaml (the coordinator and keys are not
+    needed to build the export, so a site can pull before it has them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError.single(path, "site configuration not found")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError.single(path, f"not valid YAML ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError.single(path, "expected a mapping of keys to values")
+    for key in ("site", "task", "manifest"):
+        if doc.get(key) in (None, ""):
+            raise DataError.single(path, "missing required key", column=key)
+    if str(doc["task"]) not in TASKS:
+        raise DataError.single(path, f"unknown task '{doc['task']}'", column="task")
+    manifest = Path(str(doc["manifest"]))
+    manifest = manifest if manifest.is_absolute() else (path.parent / manifest).resolve()
+    return PullTarget(path, str(doc["site"]), str(doc["task"]), manifest)
+
+
 def _secret(raw: dict[str, Any], key: str, path: Path) -> str | None:
     if raw.get(f"{key}_file"):
         file = Path(str(raw[f"{key}_file"]))

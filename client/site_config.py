@@ -15,7 +15,8 @@
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
 
 Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
-(where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`.
+(where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`,
+which needs only ``site``, ``task`` and ``manifest`` besides it.
 """
 
 from __future__ import annotations

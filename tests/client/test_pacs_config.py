@@ -67,3 +67,15 @@ def test_missing_section(tmp_path: Path) -> None:
     path.write_text(BASE)
     with pytest.raises(DataError, match="no 'pacs:' section"):
         load_pacs_config(path)
+
+
+def test_pull_needs_no_coordinator_or_keys(tmp_path: Path) -> None:
+    from hcc_fl.client.pacs_config import load_pull_target
+
+    path = tmp_path / "SITE.yaml"
+    path.write_text("site: s\ntask: phcc_mri\nmanifest: export/manifest.csv\n")
+    target = load_pull_target(path)
+    assert target.manifest == tmp_path / "export" / "manifest.csv" and target.task == "phcc_mri"
+    path.write_text("site: s\ntask: nope\nmanifest: m.csv\n")
+    with pytest.raises(DataError, match="column 'task': unknown task 'nope'"):
+        load_pull_target(path)

@@ -117,7 +117,6 @@ def _site_yaml(folder: Path, pacs: Pacs, protocol: str, task: str = "ki67_ceus",
                    f"  move_port: {pacs.move_port}\n")
     path = folder / "SITE.yaml"
     path.write_text(f"site: site_X\ntask: {task}\nmanifest: export/manifest.csv\n"
-                    f"coordinator: 127.0.0.1:1\ninsecure: true\n"
                     f"pacs:\n  protocol: {protocol}\n{section}  retries: 1\n"
                     f"  timeout_s: 10\n{extra}")
     return path
