@@ -19,7 +19,9 @@
       min_split: 10                     # nothing is released about a split of fewer patients
       cell_width: 0.01                  # candidate score cells that the site merges
 
-Relative paths are resolved against the folder of the YAML file.
+Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
+(where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`,
+which needs only ``site``, ``task`` and ``manifest`` besides it.
 """
 
 from __future__ import annotations
