@@ -13,6 +13,10 @@
     allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
+    secagg_peers: /etc/hcc-fl/peers     # SecAgg+: the consortium's <site>.pub of every site,
+                                        # distributed with the certificates (not by the
+                                        # coordinator); needed to take part in SecAgg+
+    secagg_min_sites: 3                 # SecAgg+: the fewest sites this site aggregates with
 
 Relative paths are resolved against the folder of the YAML file.
 """
@@ -46,6 +50,8 @@ class SiteConfig:
     allowed_code_versions: tuple[str, ...] = ()
     audit_log: Path | None = None
     privacy_budget: float | None = None
+    secagg_peers: Path | None = None  # folder of the peers' <site>.pub (from the consortium)
+    secagg_min_sites: int = 3  # the fewest sites this site runs secure aggregation with
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -96,6 +102,11 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
                                or budget <= 0):
         raise DataError.single(path, f"must be a positive number (total epsilon), got {budget!r}",
                                column="privacy_budget")
+    peers = raw.get("secagg_peers")
+    min_sites = raw.get("secagg_min_sites", 3)
+    if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
+        raise DataError.single(path, f"must be an integer >= 2, got {min_sites!r}",
+                               column="secagg_min_sites")
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -105,7 +116,11 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         allowed_code_versions=tuple(allowed),
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
         privacy_budget=None if budget is None else float(budget),
+        secagg_peers=resolve(str(peers)) if peers else None, secagg_min_sites=min_sites,
     )
+    if cfg.secagg_peers is not None and not cfg.secagg_peers.is_dir():
+        raise DataError.single(path, f"folder not found: {cfg.secagg_peers}",
+                               column="secagg_peers")
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():
             raise DataError.single(path, f"file not found: {file}", column=key)
