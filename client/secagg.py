@@ -268,14 +268,18 @@ class SiteState:
         """The settings fixed at set-up."""
         return SecAggConfig(**self.config)
 
+    def at(self, stage: str) -> None:
+        """Refuse unless the tag is at ``stage`` (each stage runs once, in order)."""
+        if self.stage != stage:
+            raise ProtocolError(f"secagg: {self.tag} is at stage '{self.stage}', not '{stage}': "
+                                "a stage runs once per round, in order")
+
     def expect(self, stage: str, run: str, tag: str, rnd: int) -> None:
         """Refuse a message of another run, tag, round or stage (each stage runs once)."""
         if (run, tag, rnd) != (self.run, self.tag, self.round):
             raise ProtocolError(f"secagg: the state of {self.tag} belongs to another run or "
                                 "round")
-        if self.stage != stage:
-            raise ProtocolError(f"secagg: {tag} is at stage '{self.stage}', not '{stage}': "
-                                "a stage runs once per round, in order")
+        self.at(stage)
 
     def save(self, path: Path) -> None:
         """Write with mode 0600 in a 0700 folder, atomically."""
@@ -373,6 +377,7 @@ def site_share(state: SiteState, ident: Identity, adverts: Mapping[int, Mapping[
                ) -> dict[int, bytes]:
     """Stage 2: verify the signed key advertisements; Shamir-share ``b`` and the mask key;
     one ciphertext per other site."""
+    state.at("setup")
     cfg = state.cfg
     if not cfg.threshold <= len(adverts) <= cfg.n:
         raise ProtocolError(f"secagg: {len(adverts)} sites advertised keys; the settings need "
@@ -418,6 +423,7 @@ def site_masked(state: SiteState, received: Mapping[int, bytes], params: Vector,
                 weight: float) -> Vector:
     """Stage 3: store the shares sent to us (their senders and we are U2), then quantise
     ``[w, w * params]`` and mask it with ``b`` and the pairwise masks of U2; erase the keys."""
+    state.at("shared")
     cfg = state.cfg
     c_sk = bytes_to_private_key(_unb64(state.c_sk))
     for src, ciphertext in received.items():
@@ -476,6 +482,7 @@ def _check_survivors(state: SiteState, survivors: list[int]) -> None:
 
 def site_sign_survivors(state: SiteState, ident: Identity, survivors: list[int]) -> str:
     """Stage 4 (consistency): check U3 and sign it; a site signs one U3 per tag."""
+    state.at("masked")
     survivors = [int(s) for s in survivors]
     _check_survivors(state, survivors)
     state.survivors = sorted(survivors)
@@ -487,6 +494,7 @@ def site_unmask(state: SiteState, ident: Identity, survivors: list[int], dropped
                 signatures: Mapping[int, str]) -> dict[int, tuple[str, bytes]]:
     """Stage 5: our shares of the survivors' ``b`` and of the dropped sites' mask keys, once
     ``t`` survivors signed the U3 we signed and the dropped list is U2 - U3."""
+    state.at("signed")
     survivors, dropped = [int(s) for s in survivors], [int(d) for d in dropped]
     _check_survivors(state, survivors)
     if sorted(survivors) != state.survivors:
