@@ -399,6 +399,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # --- secure aggregation (SecAgg+, see client/secagg.py) ---------------------------------------
+SECAGG_PURPOSES = ("train", "validation_sums", "validation_placements")
+
+
 def _secagg_where(context: Context, msg: Message) -> tuple[StateStore, str, str, int]:
     """The site's state store of this run, the run binding, the tag and the round."""
     cfg = msg.content[R.CONFIG]
@@ -461,6 +464,8 @@ def secagg_setup(msg: Message, context: Context) -> Message:
         raise PermissionError("secure aggregation is for training sites")
     ident, min_sites = _secagg_identity(context, site)
     store, run, tag, rnd = _secagg_where(context, msg)
+    if tag not in {f"{p}-{rnd}" for p in SECAGG_PURPOSES}:  # one sum per purpose and round
+        raise ProtocolError(f"secagg: malformed tag {tag[:80]!r} for round {rnd}")
     path = store.begin(tag)
     cfg = SecAggConfig.from_json(str(msg.content[R.CONFIG][R.SA_CONFIG]))
     state, public = site_setup(ident, int(context.node_id), run, tag, rnd, cfg, min_sites)
@@ -501,6 +506,9 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     cfg = msg.content[R.CONFIG]
     sa = state.cfg
     purpose = str(cfg.get(R.SA_PURPOSE, "train"))
+    if state.tag != f"{purpose}-{state.round}":
+        path.unlink(missing_ok=True)
+        raise ProtocolError(f"secagg: purpose {purpose[:40]!r} is not that of {state.tag}")
     values: Metrics
     if purpose == "train":
         model, values = _train_local(msg, context)

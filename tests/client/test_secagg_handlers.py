@@ -143,7 +143,8 @@ def test_a_forged_survivor_list_is_refused_by_the_handlers(contexts: dict[int, C
     assert not any(_state_path(c).exists() for c in contexts.values())
 
 
-@pytest.mark.parametrize("tag", ["../../../outside-1", "train-1/../../x-1", "/tmp/x-1"])
+@pytest.mark.parametrize("tag", ["../../../outside-1", "train-1/../../x-1", "/tmp/x-1",
+                                 "train-2", "train_again-1"])  # one sum per purpose, round
 def test_a_path_like_tag_writes_nothing(tag: str, contexts: dict[int, Context],
                                         tmp_path: Path) -> None:
     before = set(tmp_path.parent.rglob("*"))
