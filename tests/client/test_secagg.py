@@ -365,3 +365,28 @@ def test_state_is_private_run_bound_and_wiped(tmp_path: Path) -> None:
     assert wipe_states(tmp_path / "state") == 1 and not second.exists()
     with pytest.raises(ProtocolError, match="no set-up"):
         SiteState.load(second)
+
+
+def test_deployment_keys_from_the_allow_list_sign_and_verify(tmp_path: Path) -> None:
+    # the keys `hcc-fl certs add-site` makes (OpenSSH P-384), the peers folder a copy of the
+    # coordinator's authorized/*.pub as the consortium distributes it
+    import shutil
+
+    from hcc_fl.server.certs import add_site, init_pki
+
+    pki = tmp_path / "pki"
+    init_pki(pki, ["127.0.0.1"])
+    for site in ("site_A", "site_B"):
+        add_site(pki, site)
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    for pub in (pki / "authorized").glob("*.pub"):
+        shutil.copy(pub, peers / pub.name)
+    a = Identity.load("site_A", pki / "sites" / "site_A" / "site_A.key", peers)
+    b = Identity.load("site_B", pki / "sites" / "site_B" / "site_B.key", peers)
+    sig = a.sign({"x": 1})
+    assert b.verify("site_A", {"x": 1}, sig) and not b.verify("site_B", {"x": 1}, sig)
+    assert not b.verify("site_A", {"x": 2}, sig) and not b.verify("site_Z", {"x": 1}, sig)
+    with pytest.raises(ProtocolError, match="not this site's key"):  # a swapped peers entry
+        shutil.copy(peers / "site_B.pub", peers / "site_A.pub")
+        Identity.load("site_A", pki / "sites" / "site_A" / "site_A.key", peers)
