@@ -104,6 +104,13 @@ def _run_site(args: argparse.Namespace) -> int:
                    f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget}')
     node_config += "".join(f' {k}="{v}"' if isinstance(v, str) else f" {k}={v}"
                            for k, v in cfg.disclosure.as_config().items())
+    if cfg.secagg_peers is not None and cfg.private_key is not None:
+        node_config += (f' secagg-key="{cfg.private_key}" secagg-peers="{cfg.secagg_peers}" '
+                        f"secagg-min-sites={cfg.secagg_min_sites}")
+    from hcc_fl.client.secagg import wipe_states
+
+    if wipe_states(home):  # secrets of a secure aggregation interrupted by a restart
+        print(f"{cfg.site}: removed the state of an interrupted secure aggregation", flush=True)
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
     if cfg.max_retries > 0:

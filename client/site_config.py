@@ -18,6 +18,10 @@
       min_cell: 5                       # every released count is 0 or >= min_cell
       min_split: 10                     # nothing is released about a split of fewer patients
       cell_width: 0.01                  # candidate score cells that the site merges
+    secagg_peers: /etc/hcc-fl/peers     # SecAgg+: the consortium's <site>.pub of every site,
+                                        # distributed with the certificates (not by the
+                                        # coordinator); needed to take part in SecAgg+
+    secagg_min_sites: 3                 # SecAgg+: the fewest sites this site aggregates with
 
 Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
 (where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`,
@@ -55,6 +59,8 @@ class SiteConfig:
     audit_log: Path | None = None
     privacy_budget: float | None = None
     disclosure: ReleasePolicy = ReleasePolicy()
+    secagg_peers: Path | None = None  # folder of the peers' <site>.pub (from the consortium)
+    secagg_min_sites: int = 3  # the fewest sites this site runs secure aggregation with
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -113,6 +119,11 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         policy = ReleasePolicy.from_mapping(raw_policy)
     except (TypeError, ValueError) as exc:
         raise DataError.single(path, str(exc), column="disclosure") from None
+    peers = raw.get("secagg_peers")
+    min_sites = raw.get("secagg_min_sites", 3)
+    if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
+        raise DataError.single(path, f"must be an integer >= 2, got {min_sites!r}",
+                               column="secagg_min_sites")
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -123,7 +134,11 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
         privacy_budget=None if budget is None else float(budget),
         disclosure=policy,
+        secagg_peers=resolve(str(peers)) if peers else None, secagg_min_sites=min_sites,
     )
+    if cfg.secagg_peers is not None and not cfg.secagg_peers.is_dir():
+        raise DataError.single(path, f"folder not found: {cfg.secagg_peers}",
+                               column="secagg_peers")
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():
             raise DataError.single(path, f"file not found: {file}", column=key)

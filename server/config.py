@@ -133,6 +133,18 @@ def check_config(cfg: dict[str, Any]) -> None:
             check_dp_loss(str(cfg["task"].get("loss", "bce")))
     except PrivacyError as exc:
         raise ConfigError(str(exc)) from exc
+    sa = cfg.get("secure_aggregation") or {}
+    if sa.get("enabled"):  # the settings every site checks at set-up (client/secagg.py)
+        from hcc_fl.client.secagg import SecAggConfig
+
+        try:
+            SecAggConfig.for_sites(
+                max(2, len(cfg["federation"]["training_sites"])),
+                clipping_range=float(sa["clipping_range"]),
+                quantization_range=int(sa["quantization_range"]), modulus=int(sa["modulus"]),
+            ).check()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"secure_aggregation: {exc}") from None
     if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
         raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
                           "(the coordinator must see each update to clip it); use privacy=dp")

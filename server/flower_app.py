@@ -373,8 +373,8 @@ def secure_pooled_validation(
 
     def run(purpose: str, length: int, extra: RecordDict | None) -> np.ndarray:
         def content(node: int, entries: dict[str, Any]) -> RecordDict:
-            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, "secagg-purpose": purpose,
-                                                     "secagg-bound": bound})})
+            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, R.SA_PURPOSE: purpose,
+                                                     R.SA_BOUND: bound})})
             rd[R.ARRAYS] = final
             if extra is not None:
                 rd[R.METRICS] = cast(MetricRecord, extra[R.METRICS])

@@ -587,31 +587,41 @@ class SiteAwareMixin:
         cfg = SecAggConfig.for_sites(len(nodes), **{**(self.secagg or {}),
                                                      "max_weight": max_weight})
         cfg.check()
-        base: dict[str, Any] = {"server-round": rnd, "secagg-tag": tag,
-                                "secagg-config": json.dumps(cfg.__dict__)}
+        base: dict[str, Any] = {"server-round": rnd, R.SA_TAG: tag,
+                                R.SA_CONFIG: json.dumps(cfg.__dict__)}
 
         def config(**extra: Any) -> RecordDict:
             return RecordDict({R.CONFIG: ConfigRecord({**base, **extra})})
 
+        def failed(reason: str) -> None:
+            log.warning("%s: %s", tag, reason)
+            self.audit.record("secagg-aborted", arm=self.arm, round=rnd, type=tag,
+                              decision=reason)
+
+        # 1. signed key advertisements (U1)
         keys = self._exchange(grid, rnd, R.ACTION_SECAGG_SETUP,
                               {n: config() for n in nodes}, timeout)
-        public = {n: (str(m.content[R.INFO]["c_pk"]), str(m.content[R.INFO]["s_pk"]))
-                  for n, m in keys.items()}
-        if len(public) < cfg.threshold:
-            log.warning("%s: %d sites set up secure aggregation, threshold %d", tag,
-                        len(public), cfg.threshold)
+        adverts = {n: {k: str(m.content[R.INFO][k])
+                       for k in (R.SA_SITE, R.SA_C_PK, R.SA_S_PK, R.SA_SIG)}
+                   for n, m in keys.items()}
+        if len(adverts) < cfg.threshold:
+            failed(f"{len(adverts)} sites set up secure aggregation, threshold {cfg.threshold}")
             return None
-        pub_json = json.dumps({str(k): list(v) for k, v in public.items()})
+        # 2. encrypted shares (U2: the sites whose shares are delivered)
         shared = self._exchange(grid, rnd, R.ACTION_SECAGG_SHARE,
-                                {n: config(**{"secagg-public": pub_json}) for n in public},
-                                timeout)
+                                {n: config(**{R.SA_PUBLIC: json.dumps(adverts)})
+                                 for n in adverts}, timeout)
         inbox: dict[int, dict[str, str]] = {n: {} for n in shared}
         for src, m in shared.items():
-            for dst, ct in json.loads(str(m.content[R.INFO]["cts"])).items():
+            for dst, ct in json.loads(str(m.content[R.INFO][R.SA_CIPHERTEXTS])).items():
                 if int(dst) in inbox:
                     inbox[int(dst)][str(src)] = ct
+        if len(shared) < cfg.threshold:
+            failed(f"{len(shared)} sites shared their keys, threshold {cfg.threshold}")
+            return None
+        # 3. masked vectors (U3)
         replies = self._exchange(grid, rnd, R.ACTION_SECAGG_MASKED, {
-            n: masked_content(n, {**base, "secagg-inbox": json.dumps(inbox[n])})
+            n: masked_content(n, {**base, R.SA_INBOX: json.dumps(inbox[n])})
             for n in shared}, timeout)
         masked: dict[int, list[np.ndarray]] = {}
         good: dict[int, Message] = {}
@@ -623,27 +633,59 @@ class SiteAwareMixin:
                 continue
             masked[n], good[n] = vec, m
         if len(masked) < max(self.min_sites, cfg.threshold):
-            log.warning("%s: %d masked vectors (min_sites %d, threshold %d)", tag, len(masked),
-                        self.min_sites, cfg.threshold)
+            failed(f"{len(masked)} masked vectors (min_sites {self.min_sites}, threshold "
+                   f"{cfg.threshold})")
             return None
         survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
+        # 4. consistency: the survivors sign the survivor list
+        signed = self._exchange(grid, rnd, R.ACTION_SECAGG_CONSISTENCY,
+                                {n: config(**{R.SA_SURVIVORS: json.dumps(survivors)})
+                                 for n in survivors}, timeout)
+        sigs = {str(n): str(m.content[R.INFO][R.SA_SIG]) for n, m in signed.items()}
+        if len(sigs) < cfg.threshold:
+            failed(f"{len(sigs)} survivors signed the survivor list, threshold "
+                   f"{cfg.threshold}")
+            return None
+        # 5. unmask
         unmask = self._exchange(
             grid, rnd, R.ACTION_SECAGG_UNMASK,
-            {n: config(**{"secagg-survivors": json.dumps(survivors),
-                          "secagg-dropped": json.dumps(dropped)}) for n in survivors}, timeout)
+            {int(n): config(**{R.SA_SURVIVORS: json.dumps(survivors),
+                               R.SA_DROPPED: json.dumps(dropped),
+                               R.SA_SIGNATURES: json.dumps(sigs)}) for n in sigs}, timeout)
         shares = [{int(k): (v[0], base64.b64decode(v[1])) for k, v in
-                   json.loads(str(m.content[R.INFO]["shares"])).items()}
+                   json.loads(str(m.content[R.INFO][R.SA_SHARES])).items()}
                   for m in unmask.values()]
+        public = {n: (adverts[n][R.SA_C_PK], adverts[n][R.SA_S_PK]) for n in shared}
         try:
-            weight_sum, mean = unmask_sum(cfg, {n: public[n] for n in shared}, masked, shares)
+            weight_sum, mean = unmask_sum(cfg, public, masked, shares)
         except ValueError as exc:
-            log.warning("%s: %s", tag, exc)
+            failed(str(exc))
+            return None
+        declared = self._declared_weight(good, cfg.max_weight)
+        step = 2 * cfg.clipping_range / cfg.quantization_range
+        if declared is None or abs(weight_sum - declared) > (len(masked) + 1) * step \
+                or not all(np.all(np.isfinite(a)) for a in mean):
+            failed(f"the unmasked weight sum {weight_sum:.6g} is not the survivors' declared "
+                   f"{declared}: the sum is corrupt and is not used")
             return None
         info = {"round": rnd, "purpose": tag.split("-")[0], "sites": len(shared),
                 "survivors": len(survivors),
-                "dropped": [self.site_names.get(d, "?") for d in dropped]}
+                "dropped": [self.site_names.get(d, "?") for d in sorted(set(nodes) - set(masked))]}
         self.secagg_rounds.append(info)
         return good, weight_sum, mean, info
+
+    @staticmethod
+    def _declared_weight(replies: dict[int, Message], max_weight: float) -> float | None:
+        """The weight sum the survivors' plain ``num-examples`` imply (None if one is
+        missing): what the unmasked weight must equal."""
+        total = 0.0
+        for m in replies.values():
+            metrics = next(iter(m.content.metric_records.values()), None)
+            value = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            total += float(value)
+        return total / max_weight
 
     def _secagg_round(self, grid: Grid, rnd: int, arrays: ArrayRecord,
                       train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
@@ -653,7 +695,7 @@ class SiteAwareMixin:
 
         def content(node: int, entries: dict[str, Any]) -> RecordDict:
             rd = RecordDict({R.CONFIG: ConfigRecord({**entries, **dict(train_config),
-                                                     "secagg-purpose": "train"})})
+                                                     R.SA_PURPOSE: "train"})})
             rd[R.ARRAYS] = arrays
             return rd
 
