@@ -53,7 +53,7 @@ deploy-demo: install system-deps $(DATA)/manifest_index.json
 	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2
 
 # The benchmarks (bench/README.md): JSON in bench/results/, then the README tables rebuilt.
-BENCHES ?= aggregation wire overhead scale parity
+BENCHES ?= aggregation wire overhead scale parity pacs_pull
 bench: install system-deps $(DATA)/manifest_index.json
 	@for b in $(BENCHES); do \
 	  case $$b in \
@@ -71,11 +71,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy server client shared
 
-# Debian packages the tests use: headless Chromium (opens report.html) and nginx (the
-# coordinator's fleet-only front, see server/proxy.py).
+# Debian packages the tests use: headless Chromium (opens report.html), nginx (the
+# coordinator's fleet-only front, see server/proxy.py) and Orthanc with its DICOMweb plugin (the
+# PACS that `hcc-fl-client pull` is tested against; the tests start their own instance).
 system-deps:
 	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	  { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx-light"; \
+	  { command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
+	  test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 

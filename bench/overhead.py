@@ -173,7 +173,8 @@ def run_deployment(data: Path, rounds: int, epochs: int, threads: int, work: Pat
             cfg.write_text(f"site: {site}\nrole: {entry['role']}\ntask: {TASK}\n"
                            f"manifest: {data / entry['manifest']}\n"
                            f"coordinator: 127.0.0.1:{port}\ninsecure: true\n"
-                           f"runtime_port: {_free_port()}\n")
+                           f"runtime_port: {_free_port()}\n"
+                           "disclosure: {mode: exact}\n")  # phantom: below the cells minimums
             argv = [str(BIN / "hcc-fl-client"), "--site-config", str(cfg),
                     "--state-dir", str(folder / f"s-{site}")]
             clients.append(subprocess.Popen(

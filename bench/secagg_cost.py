@@ -3,9 +3,10 @@
     .venv/bin/python bench/secagg_cost.py [--data data/phantom]
 
 1. Protocol compute, in process (``hcc_fl.client.secagg``, the same functions the sites and the
-   coordinator run): key set-up, share, mask (per site) and unmask (coordinator) for the CECMM
-   tiny model's parameter shapes at n = 3 and 10 sites, against a plain weighted average of the
-   same n updates, measured side by side.
+   coordinator run): key set-up (with its signature), share (verifying n signatures), mask,
+   the consistency signature and unmask (verifying t signatures) per site, and the
+   coordinator's unmasking, for the CECMM tiny model's parameter shapes at n = 3 and 10 sites,
+   against a plain weighted average of the same n updates, measured side by side.
 2. End to end with ``--data``: ``hcc-fl simulate`` 3 rounds FedAvg at the phantom's 3 training
    sites, plain vs SecAgg+ (the extra messages per round are part of the cost).
 
@@ -20,44 +21,64 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from hcc_fl.client.secagg import (
+    Identity,
     SecAggConfig,
     site_masked,
     site_setup,
     site_share,
+    site_sign_survivors,
     site_unmask,
     unmask_sum,
+    write_identity_keys,
 )
 from hcc_fl.shared.models import build_model
+
+
+@contextmanager
+def _identities(n: int) -> Iterator[dict[int, Identity]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = {node: f"site{node}" for node in range(1, n + 1)}
+        write_identity_keys(Path(tmp), list(sites.values()))
+        yield {node: Identity.load(s, Path(tmp) / f"{s}.key", Path(tmp))
+               for node, s in sites.items()}
 
 
 def protocol_round(n: int, params: list[np.ndarray]) -> dict[str, float]:
     """Seconds per stage for one SecAgg+ round of n sites (site times are per site)."""
     cfg = SecAggConfig.for_sites(n, max_weight=50.0)
-    t = time.perf_counter()
-    states, public = {}, {}
-    for node in range(1, n + 1):
-        st, pk = site_setup(node)
-        states[node], public[node] = st, (pk["c_pk"], pk["s_pk"])
-    setup = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    inbox: dict[int, dict[int, bytes]] = {node: {} for node in states}
-    for node, st in states.items():
-        for dst, ct in site_share(st, cfg, public).items():
-            inbox[dst][node] = ct
-    share = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    masked = {node: site_masked(st, cfg, inbox[node], params, 40.0)
-              for node, st in states.items()}
-    mask = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    shares = [site_unmask(st, sorted(masked), []) for st in states.values()]
-    unmask_sum(cfg, public, masked, shares)
-    unmask = time.perf_counter() - t
+    with _identities(n) as ident:
+        t = time.perf_counter()
+        states, public = {}, {}
+        for node in range(1, n + 1):
+            states[node], public[node] = site_setup(ident[node], node, "r" * 32, "train-1", 1,
+                                                    cfg)
+        setup = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        inbox: dict[int, dict[int, bytes]] = {node: {} for node in states}
+        for node, st in states.items():
+            for dst, ct in site_share(st, ident[node], public).items():
+                inbox[dst][node] = ct
+        share = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        masked = {node: site_masked(st, inbox[node], params, 40.0)
+                  for node, st in states.items()}
+        mask = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        sigs = {node: site_sign_survivors(st, ident[node], sorted(masked))
+                for node, st in states.items()}
+        shares = [site_unmask(st, ident[node], sorted(masked), [], sigs)
+                  for node, st in states.items()]
+        sign_unmask = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        unmask_sum(cfg, {k: (v["c_pk"], v["s_pk"]) for k, v in public.items()}, masked, shares)
+        unmask = time.perf_counter() - t
     t = time.perf_counter()
     updates = [[p + 0.01 * i for p in params] for i in range(n)]
     weights = np.arange(1, n + 1, dtype=np.float64)
@@ -65,8 +86,9 @@ def protocol_round(n: int, params: list[np.ndarray]) -> dict[str, float]:
          for k in range(len(params))]
     plain = time.perf_counter() - t
     return {"sites": n, "site_setup_s": setup, "site_share_s": share, "site_mask_s": mask,
-            "coordinator_unmask_s": unmask, "plain_weighted_mean_s": plain,
-            "coordinator_ratio": (unmask + plain) / plain}
+            "site_consistency_and_unmask_s": sign_unmask, "coordinator_unmask_s": unmask,
+            "plain_weighted_mean_s": plain, "coordinator_ratio": (unmask + plain) / plain,
+            "site_total_s": setup + share + mask + sign_unmask}
 
 
 def simulate(data: Path, tmp: Path, name: str, enabled: bool) -> float:

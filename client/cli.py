@@ -1,4 +1,5 @@
-"""``hcc-fl-client``: run a site (``--site-config``) or check its data (``check-data``)."""
+"""``hcc-fl-client``: run a site (``--site-config``), check its data (``check-data``) or build
+its export from the PACS (``pull``)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,40 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """Build the site's export from the PACS (see :mod:`hcc_fl.client.pacs`)."""
+    from hcc_fl.client.pacs import format_table, pull
+    from hcc_fl.client.pacs_config import load_pacs_config, load_pull_target
+    from hcc_fl.client.pacs_net import PacsError
+
+    try:
+        cfg = load_pull_target(args.site_config)
+        pacs = load_pacs_config(args.site_config)
+        task = get_task(cfg.task)
+        state = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
+        result = pull(Path(args.cohort), task, pacs, cfg.manifest, state, force=args.force,
+                      progress=not args.no_progress)
+    except DataError as exc:
+        print(f"error: {len(exc.issues)} problem(s); nothing was pulled:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    except PacsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    done = sum(p.complete for p in result.patients)
+    mb = result.fetched_bytes / 1e6
+    print(f"{done} of {len(result.patients)} patient(s) complete; {result.fetched_files} "
+          f"file(s) ({mb:.1f} MB) fetched in {result.seconds:.1f} s")
+    if result.manifest is None:
+        print("error: no patient is complete; no manifest was written", file=sys.stderr)
+        return 1
+    print(f"{result.manifest}: written; check it with `hcc-fl-client check-data --manifest "
+          f"{result.manifest} --task {task.name}`")
+    return 0 if done == len(result.patients) else 2
+
+
 def _run_site(args: argparse.Namespace) -> int:
     """Check the site's data, then run an authenticated SuperNode under supervision."""
     import os
@@ -80,6 +115,7 @@ def _run_site(args: argparse.Namespace) -> int:
         return 1
     print(f"{cfg.site}: data check passed ({len(manifest.rows)} rows, task {task.name}, "
           f"role {cfg.role}); connecting to {cfg.coordinator}", flush=True)
+    print(f"{cfg.site}: release policy {cfg.disclosure.describe()}", flush=True)
     home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     audit = cfg.audit_log or home / "audit.jsonl"
@@ -89,6 +125,15 @@ def _run_site(args: argparse.Namespace) -> int:
                    f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget} '
                    f'max-image-mb={cfg.max_image_mb} '
                    f'allowed-roots="{os.pathsep.join(map(str, cfg.allowed_roots))}"')
+    node_config += "".join(f' {k}="{v}"' if isinstance(v, str) else f" {k}={v}"
+                           for k, v in cfg.disclosure.as_config().items())
+    if cfg.secagg_peers is not None and cfg.private_key is not None:
+        node_config += (f' secagg-key="{cfg.private_key}" secagg-peers="{cfg.secagg_peers}" '
+                        f"secagg-min-sites={cfg.secagg_min_sites}")
+    from hcc_fl.client.secagg import wipe_states
+
+    if wipe_states(home):  # secrets of a secure aggregation interrupted by a restart
+        print(f"{cfg.site}: removed the state of an interrupted secure aggregation", flush=True)
     argv = [exe, "--superlink", cfg.coordinator, "--port", str(cfg.runtime_port),
             "--node-config", node_config]
     if cfg.max_retries > 0:
@@ -231,6 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder besides the manifest's own that paths may point into "
                    "(repeatable; SITE.yaml: allowed_roots)")
     c.set_defaults(func=_check_data)
+    pl = sub.add_parser(
+        "pull", help="build the site's export and manifest from the hospital's PACS",
+        description="From a cohort CSV (patient_id, study_uid or accession_number, the task's "
+        "clinical columns, label and split) find each study in the PACS of SITE.yaml's 'pacs:' "
+        "section (DICOMweb or DIMSE), pick the series the task needs from their tags, retrieve "
+        "them into the folder of SITE.yaml's manifest and write a manifest that check-data "
+        "accepts. Interrupted pulls resume. Exit code 0: every patient complete; 2: the "
+        "manifest lists the complete patients, some are missing (see the table); 1: error.",
+    )
+    pl.add_argument("--site-config", required=True, metavar="SITE.yaml",
+                    help="the site's configuration with its 'pacs:' section")
+    pl.add_argument("--cohort", required=True, metavar="COHORT.csv",
+                    help="the study coordinator's cohort list (stays at the site)")
+    pl.add_argument("--state-dir", help="site state folder for the ID-to-study mapping and the "
+                    "pull journal (default: .hcc-fl-<site> next to SITE.yaml)")
+    pl.add_argument("--force", action="store_true",
+                    help="pull into a folder that already holds an export (verified files "
+                    "are kept, the manifest is replaced)")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pl.set_defaults(func=_pull)
     return p
 
 
@@ -238,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hcc-fl-client``."""
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
-    known = {"check-data", "-h", "--help"}
+    known = {"check-data", "pull", "-h", "--help"}
     if not any(a in known for a in args_list) and "--site-config" not in " ".join(args_list):
         parser.error("give --site-config SITE.yaml to run the site, or a COMMAND")
     return run_cli(parser, args_list)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hcc_fl.client.data import SiteData, load_site
+from hcc_fl.client.disclosure import ReleasePolicy
 from hcc_fl.client.features import feature_block
 from hcc_fl.client.statistics import (
     NB_THRESHOLDS,
@@ -229,8 +230,8 @@ def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
 
 def external_components(scorer: SiteScorer, thresholds: dict[str, float],
                         survival: dict[str, tuple[F64, F64]] | None,
-                        recalibrations: dict[str, Recalibration] | None = None
-                        ) -> dict[str, Any]:
+                        recalibrations: dict[str, Recalibration] | None = None,
+                        policy: ReleasePolicy | None = None) -> dict[str, Any]:
     """The external site's statistics of every component: a full report each (at the
     component's training threshold; with a ``recalibrations`` entry also the recalibrated
     probabilities' calibration and decision curve), paired DeLong tests between the components,
@@ -238,12 +239,13 @@ def external_components(scorer: SiteScorer, thresholds: dict[str, float],
     test = ("test",)
     y = scorer.labels(test)
     probs = {name: scorer.probs(name, test) for name in thresholds}
-    reports = {name: external_report_prob(y, p, thresholds[name], survival)
+    policy = policy or ReleasePolicy(mode="exact")
+    reports = {name: external_report_prob(y, p, thresholds[name], survival, policy=policy)
                for name, p in probs.items()}
     for name, fit in (recalibrations or {}).items():
         if name in reports:
             reports[name]["recalibrated"] = recalibrated_report(y, probs[name], thresholds[name],
-                                                                fit)
+                                                                fit, policy)
     resplit: dict[str, list[float | None]] = {}
     for k in scorer.bundle:
         name, r = split_key(k)

@@ -42,6 +42,7 @@ from hcc_fl.client.components import (
 )
 from hcc_fl.client.data import SiteData, load_site
 from hcc_fl.client.decode_check import SizeLimits, use_limits
+from hcc_fl.client.disclosure import ReleasePolicy
 from hcc_fl.client.evaluate import ssl_validation, validation_metrics
 from hcc_fl.client.manifest import allow_roots
 from hcc_fl.client.privacy import (
@@ -53,11 +54,16 @@ from hcc_fl.client.privacy import (
     planned_steps,
 )
 from hcc_fl.client.secagg import (
+    Identity,
+    ProtocolError,
     SecAggConfig,
     SiteState,
+    StateStore,
+    run_hash,
     site_masked,
     site_setup,
     site_share,
+    site_sign_survivors,
     site_unmask,
 )
 from hcc_fl.client.statistics import (
@@ -408,69 +414,151 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # --- secure aggregation (SecAgg+, see client/secagg.py) ---------------------------------------
-def _secagg_state(context: Context, msg: Message) -> Path:
-    rc = context.run_config
-    base = _site_state(context, resolve_site(context))
+SECAGG_PURPOSES = ("train", "validation_sums", "validation_placements")
+
+
+def _secagg_where(context: Context, msg: Message) -> tuple[StateStore, str, str, int]:
+    """The site's state store of this run, the run binding, the tag and the round."""
     cfg = msg.content[R.CONFIG]
-    tag = str(cfg.get("secagg-tag", f"round-{int(_num(cfg, 'server-round', 0))}"))
-    return base / "secagg" / str(rc["run-key"]).replace("/", "__") / f"{tag}.json"
+    run = run_hash(str(context.run_config["run-key"]), int(context.run_id))
+    store = StateStore(_site_state(context, resolve_site(context)), run)
+    return store, run, str(cfg.get(R.SA_TAG, "")), int(_num(cfg, "server-round", 0))
 
 
-def _secagg_cfg(msg: Message) -> SecAggConfig:
-    return SecAggConfig(**json.loads(str(msg.content[R.CONFIG]["secagg-config"])))
+def _secagg_load(context: Context, msg: Message, stage: str) -> tuple[SiteState, Path]:
+    store, run, tag, rnd = _secagg_where(context, msg)
+    path = store.path(tag)
+    state = SiteState.load(path)
+    try:
+        state.expect(stage, run, tag, rnd)
+    except ProtocolError:
+        path.unlink(missing_ok=True)  # a protocol violation aborts the tag at this site
+        raise
+    return state, path
+
+
+def _secagg_identity(context: Context, site: SiteContext) -> tuple[Identity, int]:
+    """This site's identity key and its peers' public keys, and its minimum number of sites:
+    deployment: node config (SITE.yaml ``secagg_peers``, the site's ``private_key``);
+    simulation: the harness's key folder (run config), one key per simulated site."""
+    nc, rc = context.node_config, context.run_config
+    if nc.get(R.NC_SECAGG_PEERS) and nc.get(R.NC_SECAGG_KEY):
+        return (Identity.load(site.name, Path(str(nc[R.NC_SECAGG_KEY])),
+                              Path(str(nc[R.NC_SECAGG_PEERS]))),
+                int(_num(nc, R.NC_SECAGG_MIN_SITES, 2)))
+    if "manifest" not in nc and rc.get(R.RC_SECAGG_KEYS):  # simulation only
+        folder = Path(str(rc[R.RC_SECAGG_KEYS]))
+        return (Identity.load(site.name, folder / f"{site.name}.key", folder),
+                int(_num(rc, R.RC_SECAGG_MIN_SITES, 2)))
+    raise PermissionError("secure aggregation needs this site's signing key and its peers' "
+                          "public keys (SITE.yaml secagg_peers)")
+
+
+def _refuse_on_violation(fn: Callable[[Message, Context], Message]
+                         ) -> Callable[[Message, Context], Message]:
+    """A protocol violation by the coordinator is a refusal (audited and logged at the site by
+    ``_guarded``; the reply names the check that failed, nothing secret)."""
+
+    @functools.wraps(fn)
+    def inner(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except ProtocolError as exc:
+            raise PermissionError(str(exc)) from None
+    return inner
 
 
 @app.query(R.ACTION_SECAGG_SETUP)
 @_guarded("secagg-setup")
+@_refuse_on_violation
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 1: this round's key pairs; the public halves go back."""
-    if resolve_site(context).role != R.ROLE_TRAIN:
+    """SecAgg+ stage 1: check and fix the settings; this tag's key pairs; the public halves
+    go back signed with the site's identity key."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
         raise PermissionError("secure aggregation is for training sites")
-    state, public = site_setup(int(context.node_id))
-    state.save(_secagg_state(context, msg))
+    ident, min_sites = _secagg_identity(context, site)
+    store, run, tag, rnd = _secagg_where(context, msg)
+    if tag not in {f"{p}-{rnd}" for p in SECAGG_PURPOSES}:  # one sum per purpose and round
+        raise ProtocolError(f"secagg: malformed tag {tag[:80]!r} for round {rnd}")
+    path = store.begin(tag)
+    cfg = SecAggConfig.from_json(str(msg.content[R.CONFIG][R.SA_CONFIG]))
+    state, public = site_setup(ident, int(context.node_id), run, tag, rnd, cfg, min_sites)
+    state.save(path)
     return Message(RecordDict({R.INFO: ConfigRecord(dict(public.items()))}), reply_to=msg)
 
 
 @app.query(R.ACTION_SECAGG_SHARE)
 @_guarded("secagg-share")
+@_refuse_on_violation
 def secagg_share(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 2: encrypted Shamir shares of the self-mask seed and the mask key."""
-    path = _secagg_state(context, msg)
-    state = SiteState.load(path)
-    public = {int(k): (v[0], v[1]) for k, v in
-              json.loads(str(msg.content[R.CONFIG]["secagg-public"])).items()}
-    out = site_share(state, _secagg_cfg(msg), public)
+    """SecAgg+ stage 2: verify the peers' signed keys; encrypted Shamir shares of the
+    self-mask seed and the mask key."""
+    state, path = _secagg_load(context, msg, "setup")
+    ident, _ = _secagg_identity(context, resolve_site(context))
+    adverts = {int(k): v for k, v in
+               json.loads(str(msg.content[R.CONFIG][R.SA_PUBLIC])).items()}
+    try:
+        out = site_share(state, ident, adverts)
+    except ProtocolError:
+        path.unlink(missing_ok=True)
+        raise
     state.save(path)
     cts = {str(k): base64.b64encode(v).decode() for k, v in out.items()}
-    return Message(RecordDict({R.INFO: ConfigRecord({"cts": json.dumps(cts)})}), reply_to=msg)
+    return Message(RecordDict({R.INFO: ConfigRecord({R.SA_CIPHERTEXTS: json.dumps(cts)})}),
+                   reply_to=msg)
 
 
 @app.query(R.ACTION_SECAGG_MASKED)
 @_guarded("secagg-masked")
+@_refuse_on_violation
 def secagg_masked(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 3: compute this site's contribution (``secagg-purpose``: ``train`` = the
     trained weights, weighted by the site's patients; ``validation_sums`` /
     ``validation_placements`` = the pooled-validation sums, scaled by ``secagg-bound``), and
-    send only its masked, quantised form."""
-    path = _secagg_state(context, msg)
-    state = SiteState.load(path)
+    send only its masked, quantised form. The settings are those fixed at set-up."""
+    state, path = _secagg_load(context, msg, "shared")
     cfg = msg.content[R.CONFIG]
-    sa = _secagg_cfg(msg)
-    purpose = str(cfg.get("secagg-purpose", "train"))
+    sa = state.cfg
+    purpose = str(cfg.get(R.SA_PURPOSE, "train"))
+    if state.tag != f"{purpose}-{state.round}":
+        path.unlink(missing_ok=True)
+        raise ProtocolError(f"secagg: purpose {purpose[:40]!r} is not that of {state.tag}")
     values: Metrics
     if purpose == "train":
         model, values = _train_local(msg, context)
         params = [v.detach().cpu().numpy() for v in model.state_dict().values()]
         weight = float(cast(Any, values[R.NUM_EXAMPLES]))
     else:
-        params = [_validation_vector(msg, context, purpose) / _num(cfg, "secagg-bound")]
+        params = [_validation_vector(msg, context, purpose) / _num(cfg, R.SA_BOUND)]
         values, weight = {R.NUM_EXAMPLES: 1}, sa.max_weight
     inbox = {int(k): base64.b64decode(v) for k, v in
-             json.loads(str(cfg["secagg-inbox"])).items()}
-    masked = site_masked(state, sa, inbox, params, weight)
+             json.loads(str(cfg[R.SA_INBOX])).items()}
+    try:
+        masked = site_masked(state, inbox, params, weight)
+    except ProtocolError:
+        path.unlink(missing_ok=True)
+        raise
     state.save(path)
     return Message(RecordDict({R.ARRAYS: ArrayRecord(masked), R.METRICS: MetricRecord(values)}),
                    reply_to=msg)
+
+
+@app.query(R.ACTION_SECAGG_CONSISTENCY)
+@_guarded("secagg-consistency")
+@_refuse_on_violation
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """SecAgg+ consistency check: sign the survivor list (once per tag) after checking it."""
+    state, path = _secagg_load(context, msg, "masked")
+    ident, _ = _secagg_identity(context, resolve_site(context))
+    try:
+        sig = site_sign_survivors(state, ident,
+                                  json.loads(str(msg.content[R.CONFIG][R.SA_SURVIVORS])))
+    except ProtocolError:
+        path.unlink(missing_ok=True)
+        raise
+    state.save(path)
+    return Message(RecordDict({R.INFO: ConfigRecord({R.SA_SIG: sig})}), reply_to=msg)
 
 
 def _validation_vector(msg: Message, context: Context, purpose: str) -> np.ndarray:
@@ -481,29 +569,36 @@ def _validation_vector(msg: Message, context: Context, purpose: str) -> np.ndarr
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     if purpose == "validation_sums":
-        sums = validation_sums_prob(y, prob, _grid(context))
+        sums = validation_sums_prob(y, prob, _grid(context), _policy(context))
         return np.concatenate([sums["pos"], sums["neg"], sums["calibration"].ravel(),
                                [sums["n"], sums["n_pos"], sums["loss"] * sums["n"]]])
     if purpose == "validation_placements":
         pooled = cast(MetricRecord, msg.content[R.METRICS])
         hist = (np.asarray(pooled["pos"], dtype=np.float64),
                 np.asarray(pooled["neg"], dtype=np.float64))
-        return validation_placements_prob(y, prob, hist, _grid(context))
+        return validation_placements_prob(y, prob, hist, _grid(context), _policy(context))
     raise ValueError(f"unknown secure-aggregation purpose '{purpose}'")
 
 
 @app.query(R.ACTION_SECAGG_UNMASK)
 @_guarded("secagg-unmask")
+@_refuse_on_violation
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """SecAgg+ stage 4: shares of the survivors' seeds and the dropped sites' mask keys."""
-    path = _secagg_state(context, msg)
-    state = SiteState.load(path)
+    """SecAgg+ stage 5: shares of the survivors' seeds and the dropped sites' mask keys, once
+    the threshold of survivors signed the same survivor list. The state is deleted either
+    way."""
+    state, path = _secagg_load(context, msg, "signed")
+    ident, _ = _secagg_identity(context, resolve_site(context))
     cfg = msg.content[R.CONFIG]
-    shares = site_unmask(state, json.loads(str(cfg["secagg-survivors"])),
-                         json.loads(str(cfg["secagg-dropped"])))
-    path.unlink(missing_ok=True)  # this round's secrets are no longer needed
+    try:
+        shares = site_unmask(state, ident, json.loads(str(cfg[R.SA_SURVIVORS])),
+                             json.loads(str(cfg[R.SA_DROPPED])),
+                             {int(k): str(v) for k, v in
+                              json.loads(str(cfg[R.SA_SIGNATURES])).items()})
+    finally:
+        path.unlink(missing_ok=True)  # this tag's secrets are no longer needed
     out = {str(k): [kind, base64.b64encode(v).decode()] for k, (kind, v) in shares.items()}
-    return Message(RecordDict({R.INFO: ConfigRecord({"shares": json.dumps(out)})}),
+    return Message(RecordDict({R.INFO: ConfigRecord({R.SA_SHARES: json.dumps(out)})}),
                    reply_to=msg)
 
 
@@ -527,6 +622,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.METRICS: MetricRecord(m)}), reply_to=msg)
 
 
+def _policy(context: Context) -> ReleasePolicy:
+    """The site's release policy: from SITE.yaml (node config) in a deployment, where the
+    coordinator cannot change it; from the run config in simulation (the same for every site)."""
+    nc = context.node_config
+    return ReleasePolicy.from_config(nc if "manifest" in nc else context.run_config)
+
+
 def _grid(context: Context) -> ScoreGrid:
     return ScoreGrid(int(_num(context.run_config, "histogram-bins")))
 
@@ -541,9 +643,12 @@ def validation_pass1(msg: Message, context: Context) -> Message:
         raise PermissionError(f"site {site.name} is external: its data never sets thresholds")
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
-    sums = validation_sums_prob(y, prob, _grid(context))
+    sums = validation_sums_prob(y, prob, _grid(context), _policy(context))
     auc_lo, auc_hi = sums["auc_ci"] or (math.nan, math.nan)
-    metrics = MetricRecord({
+    cells = sums["cells"]
+    released = ({} if cells is None else
+                {R.CELL_STARTS: list(cells.starts), R.CELL_CANDIDATES: cells.n_candidates})
+    metrics = MetricRecord({**released,
         "pos": sums["pos"].tolist(), "neg": sums["neg"].tolist(),
         "calibration": sums["calibration"].ravel().tolist(),
         "n": sums["n"], "n-pos": sums["n_pos"], "loss": sums["loss"],
@@ -565,7 +670,7 @@ def validation_pass2(msg: Message, context: Context) -> Message:
     pooled = cast(MetricRecord, msg.content[R.METRICS])
     hist = (np.asarray(pooled["pos"], dtype=np.float64),
             np.asarray(pooled["neg"], dtype=np.float64))
-    vec = validation_placements_prob(y, prob, hist, _grid(context))
+    vec = validation_placements_prob(y, prob, hist, _grid(context), _policy(context))
     return Message(RecordDict({R.METRICS: MetricRecord({"sums": vec.tolist()})}), reply_to=msg)
 
 
@@ -585,7 +690,7 @@ def recalibration_step(msg: Message, context: Context) -> Message:
     rc = context.run_config
     y, prob = _component_probs(msg, context, site, threshold_splits(str(rc["threshold-split"])))
     return Message(RecordDict({R.METRICS: MetricRecord(
-        {"sums": recalibration_sums(y, prob, coef)})}), reply_to=msg)
+        {"sums": recalibration_sums(y, prob, coef, _policy(context))})}), reply_to=msg)
 
 
 @app.query(R.ACTION_EXTERNAL)
@@ -602,7 +707,8 @@ def external_eval(msg: Message, context: Context) -> Message:
     recalibrations = ({scorer.components.deep: Recalibration.from_dict(
         json.loads(str(cfg[R.RECALIBRATION])))} if R.RECALIBRATION in cfg else None)
     data = _load(site, context, ("test",))
-    out = external_components(scorer, thresholds, data.survival, recalibrations)
+    out = external_components(scorer, thresholds, data.survival, recalibrations,
+                              _policy(context))
     report = dict(out["components"][scorer.components.deep])
     if len(thresholds) > 1 or out["resplit_auc"]:
         report.update(out)

@@ -13,10 +13,21 @@
     allowed_code_versions: []           # coordinator hcc-fl versions accepted besides our own
     audit_log: audit.jsonl              # this site's audit log (default: in the state folder)
     privacy_budget: 10.0                # total epsilon per dataset over all DP runs (none: no cap)
+    disclosure:                         # what this site's statistics may say (docs/privacy.md)
+      mode: cells                       # cells (default) | exact
+      min_cell: 5                       # every released count is 0 or >= min_cell
+      min_split: 10                     # nothing is released about a split of fewer patients
+      cell_width: 0.01                  # candidate score cells that the site merges
+    secagg_peers: /etc/hcc-fl/peers     # SecAgg+: the consortium's <site>.pub of every site,
+                                        # distributed with the certificates (not by the
+                                        # coordinator); needed to take part in SecAgg+
+    secagg_min_sites: 3                 # SecAgg+: the fewest sites this site aggregates with
     max_image_mb: 2048                  # per-image decode limit in MiB, checked before decoding
     allowed_roots: []                   # folders besides the manifest's that paths may point into
 
-Relative paths are resolved against the folder of the YAML file.
+Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
+(where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`,
+which needs only ``site``, ``task`` and ``manifest`` besides it.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from hcc_fl.client.decode_check import DEFAULT_MAX_IMAGE_MB
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.tasks import TASKS
 
@@ -49,6 +61,9 @@ class SiteConfig:
     allowed_code_versions: tuple[str, ...] = ()
     audit_log: Path | None = None
     privacy_budget: float | None = None
+    disclosure: ReleasePolicy = ReleasePolicy()
+    secagg_peers: Path | None = None  # folder of the peers' <site>.pub (from the consortium)
+    secagg_min_sites: int = 3  # the fewest sites this site runs secure aggregation with
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB
     allowed_roots: tuple[Path, ...] = ()
 
@@ -101,6 +116,19 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
                                or budget <= 0):
         raise DataError.single(path, f"must be a positive number (total epsilon), got {budget!r}",
                                column="privacy_budget")
+    raw_policy = raw.get("disclosure") or {}
+    if not isinstance(raw_policy, dict):
+        raise DataError.single(path, "must be a mapping (mode, min_cell, min_split, cell_width)",
+                               column="disclosure")
+    try:
+        policy = ReleasePolicy.from_mapping(raw_policy)
+    except (TypeError, ValueError) as exc:
+        raise DataError.single(path, str(exc), column="disclosure") from None
+    peers = raw.get("secagg_peers")
+    min_sites = raw.get("secagg_min_sites", 3)
+    if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
+        raise DataError.single(path, f"must be an integer >= 2, got {min_sites!r}",
+                               column="secagg_min_sites")
     max_mb = raw.get("max_image_mb", DEFAULT_MAX_IMAGE_MB)
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not (
             0 < max_mb < float("inf")):
@@ -118,9 +146,14 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         allowed_code_versions=tuple(allowed),
         audit_log=resolve(str(raw["audit_log"])) if raw.get("audit_log") else None,
         privacy_budget=None if budget is None else float(budget),
+        disclosure=policy,
+        secagg_peers=resolve(str(peers)) if peers else None, secagg_min_sites=min_sites,
         max_image_mb=float(max_mb),
         allowed_roots=tuple(resolve(r) for r in roots),
     )
+    if cfg.secagg_peers is not None and not cfg.secagg_peers.is_dir():
+        raise DataError.single(path, f"folder not found: {cfg.secagg_peers}",
+                               column="secagg_peers")
     for key, file in (("ca_certificate", cfg.ca_certificate), ("private_key", cfg.private_key)):
         if file is not None and not file.is_file():
             raise DataError.single(path, f"file not found: {file}", column=key)

@@ -15,6 +15,18 @@ import numpy.typing as npt
 from torch import nn
 
 from hcc_fl.client.data import SiteData
+from hcc_fl.client.disclosure import (
+    ReleasePolicy,
+    check_split,
+    confusion_releasable,
+    km_steps,
+    merge_calibration_bins,
+    merge_calibration_sums,
+    net_benefit_thresholds,
+    released_scores,
+    roc_from_cells,
+    score_cells,
+)
 from hcc_fl.client.train import bce_loss, predict
 from hcc_fl.shared.evaluation import PARTIAL_AUC
 from hcc_fl.shared.metrics import (
@@ -37,6 +49,7 @@ from hcc_fl.shared.metrics.pooled import (
 from hcc_fl.shared.metrics.recalibration import Recalibration, site_recalibration_sums
 
 F64 = npt.NDArray[np.float64]
+EXACT = ReleasePolicy(mode="exact")  # the pure functions' default; sites pass their own policy
 NB_THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.05, 0.96, 0.05))
 
 
@@ -52,13 +65,21 @@ def validation_sums(model: nn.Module, data: SiteData, grid: ScoreGrid, device: s
                                 predict(model, data, device), grid)
 
 
-def validation_sums_prob(y: F64, prob: F64, grid: ScoreGrid) -> dict[str, Any]:
-    """:func:`validation_sums` of given probabilities (any component of a task)."""
-    pos, neg = site_histograms(y, prob, grid)
+def validation_sums_prob(y: F64, prob: F64, grid: ScoreGrid, policy: ReleasePolicy = EXACT
+                         ) -> dict[str, Any]:
+    """:func:`validation_sums` of given probabilities (any component of a task), released as
+    ``policy`` allows: in cells mode the histograms hold each cell's patients at its middle
+    (``cells`` gives the cells), and calibration bins are merged to the minimum cell count."""
+    check_split(y, policy, "pooled validation")
+    released, cells = released_scores(y, prob, policy)
+    pos, neg = site_histograms(y, released, grid)
+    cal = site_calibration_sums(y, prob)
+    if not policy.exact:
+        cal = merge_calibration_sums(cal, policy.min_cell)
     out: dict[str, Any] = {
-        "pos": pos, "neg": neg, "calibration": site_calibration_sums(y, prob),
+        "pos": pos, "neg": neg, "calibration": cal,
         "n": len(y), "n_pos": int(y.sum()), "loss": bce_loss(prob, y),
-        "auc": None, "auc_ci": None,
+        "auc": None, "auc_ci": None, "cells": cells,
     }
     if 0 < y.sum() < len(y):
         r = auc_ci(y, prob)
@@ -76,10 +97,14 @@ def validation_placements(
                                       predict(model, data, device), pooled, grid)
 
 
-def validation_placements_prob(y: F64, prob: F64, pooled: tuple[F64, F64], grid: ScoreGrid
-                               ) -> F64:
-    """:func:`validation_placements` of given probabilities."""
-    s = site_placement_sums(y, prob, pooled, grid)
+def validation_placements_prob(y: F64, prob: F64, pooled: tuple[F64, F64], grid: ScoreGrid,
+                               policy: ReleasePolicy = EXACT) -> F64:
+    """:func:`validation_placements` of given probabilities; in cells mode of the released
+    scores (each patient at its cell's middle), so that the reply is a function of what pass 1
+    released and the broadcast, whatever the coordinator broadcasts."""
+    check_split(y, policy, "pooled validation")
+    released, _ = released_scores(y, prob, policy)
+    s = site_placement_sums(y, released, pooled, grid)
     return np.concatenate([s.case, s.control])
 
 
@@ -107,6 +132,7 @@ def external_report(
     survival: dict[str, tuple[F64, F64]] | None = None,
     device: str = "cpu",
     n_boot: int = 1000,
+    policy: ReleasePolicy = EXACT,
 ) -> dict[str, Any]:
     """The external site's full statistics for one model, computed where the patients are.
 
@@ -117,14 +143,17 @@ def external_report(
     low-score groups at the threshold with the log-rank test.
     """
     return external_report_prob(data.label.numpy().astype(np.float64),
-                                predict(model, data, device), threshold, survival, n_boot)
+                                predict(model, data, device), threshold, survival, n_boot,
+                                policy)
 
 
 def external_report_prob(
     y: F64, prob: F64, threshold: float, survival: dict[str, tuple[F64, F64]] | None = None,
-    n_boot: int = 1000,
+    n_boot: int = 1000, policy: ReleasePolicy = EXACT,
 ) -> dict[str, Any]:
-    """:func:`external_report` of given probabilities (any component of a task)."""
+    """:func:`external_report` of given probabilities (any component of a task), released as
+    ``policy`` allows (:func:`apply_policy`)."""
+    check_split(y, policy, "external evaluation")
     out: dict[str, Any] = {"n": int(len(y)), "n_pos": int(y.sum()), "threshold": threshold,
                            "loss": bce_loss(prob, y)}
     both = 0 < y.sum() < len(y)
@@ -154,7 +183,64 @@ def external_report_prob(
             block.update(statistic=lr.statistic, p_value=lr.p_value,
                          high=_km_steps(t[high], e[high]), low=_km_steps(t[~high], e[~high]))
         out["survival"][name] = block
+    if not policy.exact:
+        apply_policy(out, y, prob, survival, policy)
     return out
+
+
+def apply_policy(out: dict[str, Any], y: F64, prob: F64,
+                 survival: dict[str, tuple[F64, F64]] | None, policy: ReleasePolicy) -> None:
+    """The cells-mode release of an external report (in place): the ROC curve at the score
+    cells' boundaries; the confusion table at the threshold (and the sensitivity, specificity,
+    accuracy, PPV, NPV it gives) withheld when a cell holds 1 to k - 1 patients; calibration
+    bins merged and net benefit kept only at thresholds that cut the patients into cells of
+    >= k (:func:`_policy_calibration`); Kaplan-Meier curves as steps of >= k patients, and a
+    survival block withheld when a score group holds 1 to k - 1 patients. ``withheld`` lists
+    what was left out and why."""
+    k = policy.min_cell
+    withheld: list[str] = out.setdefault("withheld", [])
+    if not confusion_releasable((out["tp"], out["fp"], out["tn"], out["fn"]), k):
+        for key in ("sensitivity", "specificity", "accuracy", "ppv", "npv"):
+            out[key] = None
+            out[f"{key}_ci"] = None
+        out.update(tp=None, fp=None, tn=None, fn=None)
+        withheld.append(f"confusion table at the threshold (min_cell: a cell of 1 to {k - 1} "
+                        "patients)")
+    if "roc" in out:
+        out["roc"] = roc_from_cells(score_cells(y, prob, policy))
+    _policy_calibration(out, y, prob, policy)
+    for name, (t, e) in (survival or {}).items():
+        block = out["survival"][name]
+        if not (_ok(block["n_high"], k) and _ok(block["n_low"], k)):
+            out["survival"][name] = {"withheld": f"min_cell: a score group of 1 to {k - 1} "
+                                                 "patients"}
+            withheld.append(f"survival '{name}' (min_cell)")
+            continue
+        high = prob >= out["threshold"]
+        if "high" in block:
+            block["high"] = km_steps(t[high], e[high], k)
+            block["low"] = km_steps(t[~high], e[~high], k)
+
+
+def _ok(count: Any, k: int) -> bool:
+    return count is None or count == 0 or count >= k
+
+
+def _policy_calibration(out: dict[str, Any], y: F64, prob: F64, policy: ReleasePolicy
+                        ) -> None:
+    """Calibration bins merged to >= k events and non-events; net benefit withheld at the
+    thresholds that would cut a cell of 1 to k - 1 patients."""
+    k = policy.min_cell
+    if "calibration" in out:
+        out["calibration"]["bins"] = merge_calibration_bins(out["calibration"]["bins"], k)
+    if "net_benefit" in out:
+        nb = out["net_benefit"]
+        keep = net_benefit_thresholds(y, prob, tuple(nb["thresholds"]), k)
+        nb["model"] = [v if ok else None for v, ok in zip(nb["model"], keep, strict=False)]
+        if not all(keep):
+            out.setdefault("withheld", []).append(
+                f"net benefit at {sum(not x for x in keep)} of {len(keep)} thresholds "
+                "(min_cell)")
 
 
 def partial_aucs(y: F64, prob: F64) -> dict[str, float | None]:
@@ -190,8 +276,8 @@ def _calibration_blocks(y: F64, prob: F64) -> dict[str, Any]:
                             "treat_all": list(nb.treat_all)}}
 
 
-def recalibrated_report(y: F64, prob: F64, threshold: float, fit: Recalibration
-                        ) -> dict[str, Any]:
+def recalibrated_report(y: F64, prob: F64, threshold: float, fit: Recalibration,
+                        policy: ReleasePolicy = EXACT) -> dict[str, Any]:
     """What recalibration changes, on the external patients: the recalibrated probabilities'
     calibration, Brier score, log loss and decision curve, and the training threshold mapped
     onto the new scale. The ranks are unchanged (``fit.slope > 0``), so the AUC (repeated here as
@@ -203,13 +289,19 @@ def recalibrated_report(y: F64, prob: F64, threshold: float, fit: Recalibration
     if 0 < y.sum() < len(y):
         out["auc"] = auc_ci(y, q).auc
         out.update(_calibration_blocks(y, q))
+        if not policy.exact:
+            _policy_calibration(out, y, q, policy)
     return out
 
 
-def recalibration_sums(y: F64, prob: F64, coef: tuple[float, float]) -> list[float]:
+def recalibration_sums(y: F64, prob: F64, coef: tuple[float, float],
+                       policy: ReleasePolicy = EXACT) -> list[float]:
     """A training site's recalibration sums at ``coef`` (count, score, information,
-    log-likelihood: 7 numbers, no patient-level value)."""
-    return [float(v) for v in site_recalibration_sums(y, prob, coef)]
+    log-likelihood: 7 numbers, no patient-level value); in cells mode of the released scores,
+    so that a coordinator that asks at many points learns nothing beyond the cells."""
+    check_split(y, policy, "recalibration")
+    released, _ = released_scores(y, prob, policy)
+    return [float(v) for v in site_recalibration_sums(y, released, coef)]
 
 
 def external_comparisons(
@@ -230,28 +322,29 @@ def external_comparisons(
 
 def pooled_validation(
     model: nn.Module, parts: dict[str, SiteData], grid: ScoreGrid, device: str = "cpu",
-    recalibrate: bool = True,
+    recalibrate: bool = True, policy: ReleasePolicy = EXACT,
 ) -> tuple[float, dict[str, Any]]:
     """The federated two-pass validation (and recalibration) run in one process (for the
     baselines): the same site sums, combined by the same coordinator code as under Flower."""
     return pooled_validation_probs(
         {s: (d.label.numpy().astype(np.float64), predict(model, d, device))
-         for s, d in parts.items()}, grid, recalibrate)
+         for s, d in parts.items()}, grid, recalibrate, policy)
 
 
 def pooled_validation_probs(parts: dict[str, tuple[F64, F64]], grid: ScoreGrid,
-                            recalibrate: bool = True) -> tuple[float, dict[str, Any]]:
+                            recalibrate: bool = True, policy: ReleasePolicy = EXACT
+                            ) -> tuple[float, dict[str, Any]]:
     """:func:`pooled_validation` of given (labels, probabilities) per site, with the federated
     recalibration (``pooled.recalibration`` of the block) unless ``recalibrate`` is False."""
     from hcc_fl.shared.evaluation import combine_pass1, finish_pass2, recalibrate_pooled
 
-    pass1 = {s: validation_sums_prob(y, p, grid) for s, (y, p) in parts.items()}
+    pass1 = {s: validation_sums_prob(y, p, grid, policy) for s, (y, p) in parts.items()}
     threshold, hist, block = combine_pass1(pass1, grid)
-    vectors = [validation_placements_prob(y, p, hist, grid) for y, p in parts.values()]
+    vectors = [validation_placements_prob(y, p, hist, grid, policy) for y, p in parts.values()]
     block = finish_pass2(block, vectors)
     if recalibrate:
         recalibrate_pooled(
-            block, lambda coef: {s: np.asarray(recalibration_sums(y, p, coef))
+            block, lambda coef: {s: np.asarray(recalibration_sums(y, p, coef, policy))
                                  for s, (y, p) in parts.items()},
             {s: int(v["n"]) for s, v in pass1.items()})
     return threshold, block

@@ -11,6 +11,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hcc_fl.server import fedopt
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.tasks import TASKS
 
 
@@ -175,11 +177,21 @@ def check_config(cfg: dict[str, Any]) -> None:
     if fed.get("external_site") in fed["training_sites"]:
         raise ConfigError("federation.external_site must not also be a training site")
     names = [a["name"] for a in cfg["strategy"]["arms"]]
-    for name in names:
-        if name not in ("fedavg", "fedprox"):
-            raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox)")
+    for i, arm in enumerate(cfg["strategy"]["arms"]):
+        name = arm["name"]
+        if name not in ("fedavg", "fedprox", *fedopt.KINDS):
+            raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox, "
+                              f"{', '.join(fedopt.KINDS)})")
+        try:
+            fedopt.from_arm(arm)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"strategy.arms[{i}]: {exc}") from None
     if len(set(names)) != len(names):
         raise ConfigError("strategy.arms: each strategy may appear once")
+    try:
+        ReleasePolicy.from_mapping(cfg.get("disclosure") or {})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     if cfg["evaluation"]["threshold_split"] not in ("val", "train", "all"):
         raise ConfigError("evaluation.threshold_split must be val, train or all")
     if not isinstance(cfg["evaluation"].get("recalibration", True), bool):
@@ -193,6 +205,18 @@ def check_config(cfg: dict[str, Any]) -> None:
             check_dp_loss(str(cfg["task"].get("loss", "bce")))
     except PrivacyError as exc:
         raise ConfigError(str(exc)) from exc
+    sa = cfg.get("secure_aggregation") or {}
+    if sa.get("enabled"):  # the settings every site checks at set-up (client/secagg.py)
+        from hcc_fl.client.secagg import SecAggConfig
+
+        try:
+            SecAggConfig.for_sites(
+                max(2, len(cfg["federation"]["training_sites"])),
+                clipping_range=float(sa["clipping_range"]),
+                quantization_range=int(sa["quantization_range"]), modulus=int(sa["modulus"]),
+            ).check()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"secure_aggregation: {exc}") from None
     if (cfg.get("secure_aggregation") or {}).get("enabled") and privacy.mode == "central-dp":
         raise ConfigError("secure_aggregation.enabled cannot be combined with privacy=central-dp "
                           "(the coordinator must see each update to clip it); use privacy=dp")

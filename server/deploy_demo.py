@@ -68,6 +68,8 @@ def run_deploy_demo(data_root: Path, runs_dir: Path, name: str, rounds: int,
                 f"ca_certificate: {pki / 'sites' / site / 'ca.crt'}\n"
                 f"private_key: {pki / 'sites' / site / (site + '.key')}\n"
                 f"runtime_port: {free_port()}\n"
+                # the phantom's splits are below the cells policy's minimums (docs/privacy.md)
+                "disclosure: {mode: exact}\n"
             )
             log = (work / "logs" / f"{site}.log").open("wb")
             clients[site] = subprocess.Popen([_script("hcc-fl-client"), "--site-config",

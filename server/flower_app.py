@@ -294,6 +294,9 @@ def pooled_validation(
         site = names.get(reply.metadata.src_node_id, "?")
         if reply.has_error():
             log.warning("validation statistics failed at %s: %s", site, reply.error.reason)
+            reason = str(reply.error.reason or "")
+            if "disclosure policy" in reason and site not in pass1:
+                _exclude(excluded, site, "validation sums", reason[:300])
             continue
         if reply.metadata.src_node_id not in allowed or site in pass1:
             continue
@@ -382,8 +385,8 @@ def secure_pooled_validation(
 
     def run(purpose: str, length: int, extra: RecordDict | None) -> np.ndarray:
         def content(node: int, entries: dict[str, Any]) -> RecordDict:
-            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, "secagg-purpose": purpose,
-                                                     "secagg-bound": bound})})
+            rd = RecordDict({R.CONFIG: ConfigRecord({**entries, R.SA_PURPOSE: purpose,
+                                                     R.SA_BOUND: bound})})
             rd[R.ARRAYS] = final
             if extra is not None:
                 rd[R.METRICS] = cast(MetricRecord, extra[R.METRICS])
@@ -414,7 +417,10 @@ def secure_pooled_validation(
             "which secure aggregation cannot attribute")
     pooled = {"pos": counts[:nb], "neg": counts[nb:], "calibration": v1[2 * nb:-3],
               "n": n, "n_pos": n_pos, "loss": float(v1[-1] / max(n, 1)), "auc": None,
-              "auc_ci": None}
+              "auc_ci": None,
+              # each site applied its own release policy before masking; the coordinator sees
+              # neither the policies nor the cells, so it cannot bound the AUC
+              "release": "secure sum (the sites' policies are not visible)"}
     threshold, (pos, neg), validation = combine_pass1({"all sites (secure sum)": pooled}, grid)
     hist = RecordDict({R.METRICS: MetricRecord({"pos": pos.tolist(), "neg": neg.tolist()})})
     v2 = run("validation_placements", 12, hist)
@@ -466,7 +472,7 @@ def pretrain_ssl(
     torch.manual_seed(int(cfg["seed"]) + 1)
     ssl_model = build_ssl_model(cfg["task"]["name"], cfg["model"]["profile"])
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
-                              float(arm_cfg.get("proximal_mu", 0.0)))
+                              float(arm_cfg.get("proximal_mu", 0.0)), arm=dict(arm_cfg))
     strategy.setup_sites(  # type: ignore[attr-defined]
         f"{arm}:ssl", names, train_nodes, int(fed["min_sites"]),
         max_norm_ratio=float(fed.get("max_update_norm_ratio", 0.0)), audit=AUDIT,
@@ -600,7 +606,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
     privacy = cfg.get("privacy") or {"mode": "none"}
     central_dp = privacy.get("mode") == "central-dp"
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
-                              float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp)
+                              float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp,
+                              arm=dict(arm_cfg))
     sizes = {str(v["site"]): dict(v) for v in sites.values() if v["site"] in training}
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),

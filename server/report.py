@@ -178,11 +178,13 @@ def _decision_plot(ext: dict[str, Any]) -> str | None:
     fig, ax = plt.subplots(figsize=(5.2, 5))
     nb0 = arms[0][1]["net_benefit"]
     for i, (arm, e) in enumerate(arms):
-        ax.plot(e["net_benefit"]["thresholds"], e["net_benefit"]["model"], color=COLOURS[i % 8],
+        model = [math.nan if v is None else v for v in e["net_benefit"]["model"]]  # withheld
+        ax.plot(e["net_benefit"]["thresholds"], model, color=COLOURS[i % 8], marker=".",
                 label=arm)
     ax.plot(nb0["thresholds"], nb0["treat_all"], "--", color="black", label="treat all")
     ax.axhline(0, color="grey", lw=1, label="treat none")
-    top = max(max(e["net_benefit"]["model"]) for _, e in arms)
+    top = max((v for _, e in arms for v in e["net_benefit"]["model"] if v is not None),
+              default=0.0)
     ax.set(xlabel="threshold probability", ylabel="net benefit",
            title="Decision curves, external site", ylim=(-0.1, max(0.1, top * 1.2)))
     ax.legend(fontsize=7)
@@ -273,6 +275,11 @@ def _build_report(run_dir: Path) -> str:
         ])
     parts.append(_table(["arm", "AUC (95% CI)", "threshold", "sensitivity", "specificity",
                          "accuracy", "PPV", "NPV", "Brier", "cal. slope"], rows))
+    withheld = [(arm, w) for arm, e in ext.items() for w in e.get("withheld") or []]
+    if withheld:
+        parts.append(Markup('<p class="note">Withheld by the external site\'s release policy '
+                            "(docs/privacy.md):</p>"))
+        parts.append(_table(["arm", "what"], [[a, w] for a, w in withheld]))
     deep = {a: e for a, e in ext.items() if "/" not in a}
     plots = [(p, c) for p, c in (
         (_plot(_roc_plot, deep), "ROC curves of every arm on the external site"),
@@ -326,15 +333,18 @@ def _build_report(run_dir: Path) -> str:
         for arm, block in val.items():
             for site, v in block.get("per_site", {}).items():
                 rows.append([arm, site, _ci(v.get("auc"), v.get("auc_ci")), _f(v.get("n")),
-                             _f(v.get("n_pos")), "", ""])
+                             _f(v.get("n_pos")), "", "",
+                             (block.get("disclosure") or {}).get(site, "")])
             pooled = block.get("pooled", {})
+            bounds = pooled.get("auc_bounds") or [None, None]
             rows.append([arm, Markup("<b>pooled</b>"),
                          _ci(pooled.get("auc"), pooled.get("auc_ci")), _f(pooled.get("n")),
                          _f(pooled.get("n_pos")), _f(pooled.get("threshold")),
-                         _f(pooled.get("brier"))])
+                         _f(pooled.get("brier")),
+                         f"AUC within [{_f(bounds[0])}, {_f(bounds[1])}]"])
             excluded.extend((arm, x) for x in block.get("excluded") or [])
         parts.append(_table(["arm", "site", "AUC (95% CI)", "n", "cases", "Youden threshold",
-                             "Brier"], rows))
+                             "Brier", "release policy"], rows))
         if excluded:
             parts.append(Markup('<p class="note">Sites whose sums failed the coordinator\'s '
                                 "checks, left out of the pooled statistics:</p>"))

@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hcc_fl.shared import records as R
+from hcc_fl.shared.disclosure import Cells
+
 F64 = npt.NDArray[np.float64]
 
 # The reference scale of the norm screen never falls below this share of the global model's
@@ -252,7 +255,15 @@ def check_pass1(m: Mapping[str, Any], n_bins: int, n_declared: int | None) -> di
     lo = _number(m.get("auc-lower"), "auc-lower", 0, 1, nan_ok=True)
     hi = _number(m.get("auc-upper"), "auc-upper", 0, 1, nan_ok=True)
     ok = math.isfinite(auc) and math.isfinite(lo) and math.isfinite(hi)
-    return {"pos": pos, "neg": neg, "calibration": cal.ravel(), "n": int(total),
+    cells = None
+    if m.get(R.CELL_STARTS) is not None:
+        cand = _number(m.get(R.CELL_CANDIDATES), "the cell grid", 1, n_bins)
+        starts = _vector(m.get(R.CELL_STARTS), len(list(m.get(R.CELL_STARTS) or [])),
+                         "the cell starts")
+        if np.any(starts != np.round(starts)) or cand != math.floor(cand):
+            raise ValueError("the cell starts are not whole numbers")
+        cells = Cells.from_histograms([int(s) for s in starts], int(cand), pos, neg)
+    return {"cells": cells, "pos": pos, "neg": neg, "calibration": cal.ravel(), "n": int(total),
             "n_pos": int(cases), "loss": loss, "auc": auc if ok else None,
             "auc_ci": [lo, hi] if ok else None}
 

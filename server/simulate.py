@@ -30,6 +30,7 @@ from hcc_fl.server.flower_runtime import (
     write_app_bundle,
 )
 from hcc_fl.shared import records as R
+from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.evaluation import internal_vs_external
 from hcc_fl.shared.jsonio import clean, write_json
@@ -170,8 +171,25 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "run-key": f"{cfg.get('run_name')}-{cfg.get('run_uid', 'x')}/{arm}",
         "privacy-dir": str(run_dir / "privacy"),
         **_privacy_run_config(cfg.get("privacy") or {"mode": "none"}),
+        # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
+        **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
     }
+
+
+def _secagg_run_config(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Simulation with SecAgg+: the harness plays the consortium and makes one identity key per
+    training site (``<run>/secagg-keys``), as ``hcc-fl certs add-site`` does for a deployment;
+    each simulated site signs with its own key and verifies its peers' public keys there."""
+    if not (cfg.get("secure_aggregation") or {}).get("enabled"):
+        return {}
+    from hcc_fl.client.secagg import write_identity_keys
+
+    fed = cfg["federation"]
+    folder = work / "secagg-keys"
+    if not folder.is_dir():  # a resumed run keeps its keys
+        write_identity_keys(folder, [str(s) for s in fed["training_sites"]])
+    return {R.RC_SECAGG_KEYS: str(folder), R.RC_SECAGG_MIN_SITES: int(fed["min_sites"])}
 
 
 def _privacy_run_config(privacy: dict[str, Any]) -> dict[str, Any]:
@@ -348,7 +366,8 @@ def run_simulation(
                      # the key decides who a node is (server/identity.py); none in simulation
                      R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
                      if deployment is not None and deployment.pki is not None
-                     and not deployment.insecure else ""},
+                     and not deployment.insecure else "",
+                     **(_secagg_run_config(cfg, work) if deployment is None else {})},
                 )
                 bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
                            disable=None if not quiet else True, leave=True)

@@ -55,6 +55,7 @@ from hcc_fl.server.aggregate import (
     sq_distance,
     weighted_mean,
 )
+from hcc_fl.server.fedopt import KINDS, ServerOptimizer, from_arm
 from hcc_fl.shared import records as R
 from hcc_fl.shared.audit import AuditLog, metric_names, payload_bytes
 from hcc_fl.shared.wire import is_packed, layout_of, pack, unpack
@@ -132,6 +133,7 @@ class SiteAwareMixin:
     central: CentralDP | None = None
     secagg: dict[str, Any] | None = None  # SecAggConfig fields except n and threshold
     transfer: str = "per-tensor"  # how round messages carry the model (shared/wire.py)
+    server_opt: ServerOptimizer | None = None  # FedOpt (server/fedopt.py); None = the aggregate
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -197,7 +199,11 @@ class SiteAwareMixin:
     def state(self) -> dict[str, Any]:
         """Everything the strategy needs to continue: history, rejections and, for strategies
         with a server optimiser, its moments (any numpy attributes named ``m_t``/``v_t``)."""
-        extra = {k: getattr(self, k) for k in ("m_t", "v_t") if getattr(self, k, None) is not None}
+        extra: dict[str, Any] = {}
+        if self.server_opt is not None:
+            extra = self.server_opt.state()
+            for k in ("m", "v"):  # checkpoints hold tensors (torch.load with weights_only)
+                extra[k] = {name: torch.from_numpy(a) for name, a in extra[k].items()}
         return {"history": list(self.history), "rejections": list(self.rejections),
                 "aggregated_rounds": list(self.aggregated_rounds), "optimizer": extra,
                 "central_releases": self.central.releases if self.central else 0,
@@ -211,8 +217,14 @@ class SiteAwareMixin:
         self.norm_history = [float(x) for x in state.get("norm_history", [])]
         if self.central is not None:
             self.central.releases = int(state.get("central_releases", 0))
-        for k, v in state.get("optimizer", {}).items():
-            setattr(self, k, v)
+        opt = state.get("optimizer") or {}
+        if self.server_opt is not None:
+            if not opt:
+                raise ValueError("the checkpoint has no server-optimiser state for this arm")
+            self.server_opt.load_state({**opt, **{k: {n: t.numpy() for n, t in opt[k].items()}
+                                                  for k in ("m", "v")}})
+        elif opt:
+            raise ValueError("the checkpoint holds a server optimiser's state; this arm has none")
 
     # --- sampling: only training sites ---------------------------------------------------------
     def _refresh_sites(self, grid: Grid) -> None:
@@ -575,31 +587,41 @@ class SiteAwareMixin:
         cfg = SecAggConfig.for_sites(len(nodes), **{**(self.secagg or {}),
                                                      "max_weight": max_weight})
         cfg.check()
-        base: dict[str, Any] = {"server-round": rnd, "secagg-tag": tag,
-                                "secagg-config": json.dumps(cfg.__dict__)}
+        base: dict[str, Any] = {"server-round": rnd, R.SA_TAG: tag,
+                                R.SA_CONFIG: json.dumps(cfg.__dict__)}
 
         def config(**extra: Any) -> RecordDict:
             return RecordDict({R.CONFIG: ConfigRecord({**base, **extra})})
 
+        def failed(reason: str) -> None:
+            log.warning("%s: %s", tag, reason)
+            self.audit.record("secagg-aborted", arm=self.arm, round=rnd, type=tag,
+                              decision=reason)
+
+        # 1. signed key advertisements (U1)
         keys = self._exchange(grid, rnd, R.ACTION_SECAGG_SETUP,
                               {n: config() for n in nodes}, timeout)
-        public = {n: (str(m.content[R.INFO]["c_pk"]), str(m.content[R.INFO]["s_pk"]))
-                  for n, m in keys.items()}
-        if len(public) < cfg.threshold:
-            log.warning("%s: %d sites set up secure aggregation, threshold %d", tag,
-                        len(public), cfg.threshold)
+        adverts = {n: {k: str(m.content[R.INFO][k])
+                       for k in (R.SA_SITE, R.SA_C_PK, R.SA_S_PK, R.SA_SIG)}
+                   for n, m in keys.items()}
+        if len(adverts) < cfg.threshold:
+            failed(f"{len(adverts)} sites set up secure aggregation, threshold {cfg.threshold}")
             return None
-        pub_json = json.dumps({str(k): list(v) for k, v in public.items()})
+        # 2. encrypted shares (U2: the sites whose shares are delivered)
         shared = self._exchange(grid, rnd, R.ACTION_SECAGG_SHARE,
-                                {n: config(**{"secagg-public": pub_json}) for n in public},
-                                timeout)
+                                {n: config(**{R.SA_PUBLIC: json.dumps(adverts)})
+                                 for n in adverts}, timeout)
         inbox: dict[int, dict[str, str]] = {n: {} for n in shared}
         for src, m in shared.items():
-            for dst, ct in json.loads(str(m.content[R.INFO]["cts"])).items():
+            for dst, ct in json.loads(str(m.content[R.INFO][R.SA_CIPHERTEXTS])).items():
                 if int(dst) in inbox:
                     inbox[int(dst)][str(src)] = ct
+        if len(shared) < cfg.threshold:
+            failed(f"{len(shared)} sites shared their keys, threshold {cfg.threshold}")
+            return None
+        # 3. masked vectors (U3)
         replies = self._exchange(grid, rnd, R.ACTION_SECAGG_MASKED, {
-            n: masked_content(n, {**base, "secagg-inbox": json.dumps(inbox[n])})
+            n: masked_content(n, {**base, R.SA_INBOX: json.dumps(inbox[n])})
             for n in shared}, timeout)
         masked: dict[int, list[np.ndarray]] = {}
         good: dict[int, Message] = {}
@@ -611,27 +633,59 @@ class SiteAwareMixin:
                 continue
             masked[n], good[n] = vec, m
         if len(masked) < max(self.min_sites, cfg.threshold):
-            log.warning("%s: %d masked vectors (min_sites %d, threshold %d)", tag, len(masked),
-                        self.min_sites, cfg.threshold)
+            failed(f"{len(masked)} masked vectors (min_sites {self.min_sites}, threshold "
+                   f"{cfg.threshold})")
             return None
         survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
+        # 4. consistency: the survivors sign the survivor list
+        signed = self._exchange(grid, rnd, R.ACTION_SECAGG_CONSISTENCY,
+                                {n: config(**{R.SA_SURVIVORS: json.dumps(survivors)})
+                                 for n in survivors}, timeout)
+        sigs = {str(n): str(m.content[R.INFO][R.SA_SIG]) for n, m in signed.items()}
+        if len(sigs) < cfg.threshold:
+            failed(f"{len(sigs)} survivors signed the survivor list, threshold "
+                   f"{cfg.threshold}")
+            return None
+        # 5. unmask
         unmask = self._exchange(
             grid, rnd, R.ACTION_SECAGG_UNMASK,
-            {n: config(**{"secagg-survivors": json.dumps(survivors),
-                          "secagg-dropped": json.dumps(dropped)}) for n in survivors}, timeout)
+            {int(n): config(**{R.SA_SURVIVORS: json.dumps(survivors),
+                               R.SA_DROPPED: json.dumps(dropped),
+                               R.SA_SIGNATURES: json.dumps(sigs)}) for n in sigs}, timeout)
         shares = [{int(k): (v[0], base64.b64decode(v[1])) for k, v in
-                   json.loads(str(m.content[R.INFO]["shares"])).items()}
+                   json.loads(str(m.content[R.INFO][R.SA_SHARES])).items()}
                   for m in unmask.values()]
+        public = {n: (adverts[n][R.SA_C_PK], adverts[n][R.SA_S_PK]) for n in shared}
         try:
-            weight_sum, mean = unmask_sum(cfg, {n: public[n] for n in shared}, masked, shares)
+            weight_sum, mean = unmask_sum(cfg, public, masked, shares)
         except ValueError as exc:
-            log.warning("%s: %s", tag, exc)
+            failed(str(exc))
+            return None
+        declared = self._declared_weight(good, cfg.max_weight)
+        step = 2 * cfg.clipping_range / cfg.quantization_range
+        if declared is None or abs(weight_sum - declared) > (len(masked) + 1) * step \
+                or not all(np.all(np.isfinite(a)) for a in mean):
+            failed(f"the unmasked weight sum {weight_sum:.6g} is not the survivors' declared "
+                   f"{declared}: the sum is corrupt and is not used")
             return None
         info = {"round": rnd, "purpose": tag.split("-")[0], "sites": len(shared),
                 "survivors": len(survivors),
-                "dropped": [self.site_names.get(d, "?") for d in dropped]}
+                "dropped": [self.site_names.get(d, "?") for d in sorted(set(nodes) - set(masked))]}
         self.secagg_rounds.append(info)
         return good, weight_sum, mean, info
+
+    @staticmethod
+    def _declared_weight(replies: dict[int, Message], max_weight: float) -> float | None:
+        """The weight sum the survivors' plain ``num-examples`` imply (None if one is
+        missing): what the unmasked weight must equal."""
+        total = 0.0
+        for m in replies.values():
+            metrics = next(iter(m.content.metric_records.values()), None)
+            value = metrics.get(R.NUM_EXAMPLES) if metrics is not None else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            total += float(value)
+        return total / max_weight
 
     def _secagg_round(self, grid: Grid, rnd: int, arrays: ArrayRecord,
                       train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
@@ -641,7 +695,7 @@ class SiteAwareMixin:
 
         def content(node: int, entries: dict[str, Any]) -> RecordDict:
             rd = RecordDict({R.CONFIG: ConfigRecord({**entries, **dict(train_config),
-                                                     "secagg-purpose": "train"})})
+                                                     R.SA_PURPOSE: "train"})})
             rd[R.ARRAYS] = arrays
             return rd
 
@@ -698,6 +752,14 @@ class SiteAwareMixin:
                        layout_of({k: array_view(v) for k, v in template.items()}))
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
+    def _server_step(self, current: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
+        """The new global model: the aggregate itself, or the server optimiser's step with it."""
+        if self.server_opt is None:
+            return aggregate
+        out = self.server_opt.step({k: array_view(v) for k, v in current.items()},
+                                   {k: array_view(v) for k, v in aggregate.items()})
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
         self, grid: Grid, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -731,7 +793,7 @@ class SiteAwareMixin:
                 if new is not None:
                     new = self._from_wire(new, arrays)
             if new is not None:
-                arrays = new
+                arrays = self._server_step(arrays, new)
             sent = list(self.configure_evaluate(rnd, self._to_wire(arrays, transfer),
                                                 ConfigRecord(dict(evaluate_config)), grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
@@ -752,8 +814,10 @@ class HccFedProx(SiteAwareMixin, FedProx):
 
 
 def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
-                   equal_weights: bool = False) -> FedAvg:
-    """Build a strategy by name (``fedavg`` or ``fedprox``) for ``n_training`` sites.
+                   equal_weights: bool = False, arm: dict[str, Any] | None = None) -> FedAvg:
+    """Build a strategy by name (``fedavg``, ``fedprox``, or a FedOpt server optimiser:
+    ``fedadam``, ``fedyogi``, ``fedadagrad``, with the arm's ``server_lr``, ``beta_1``,
+    ``beta_2``, ``tau``; the sites train as under FedAvg) for ``n_training`` sites.
 
     ``equal_weights`` averages the sites' updates with equal weights (central DP's sensitivity
     analysis assumes it): the sites then send ``unit-weight = 1``."""
@@ -770,4 +834,8 @@ def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
         return HccFedAvg(**common)
     if name == "fedprox":
         return HccFedProx(proximal_mu=proximal_mu, **common)
-    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox")
+    if name in KINDS:
+        strategy = HccFedAvg(**common)
+        strategy.server_opt = from_arm({**(arm or {}), "name": name})
+        return strategy
+    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox, {', '.join(KINDS)}")

@@ -10,6 +10,7 @@ Used identically by the ServerApp and by the in-process baselines.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hcc_fl.shared.disclosure import auc_bounds, cell_intervals, fine_cells
 from hcc_fl.shared.metrics.classification import DeLongSummary, delong_unpaired_from_summaries
 from hcc_fl.shared.metrics.pooled import (
     PlacementSums,
@@ -64,7 +66,15 @@ def combine_pass1(
     cal_sums = sum(np.asarray(v["calibration"], dtype=np.float64).reshape(-1, 3)
                    for v in per_site.values())
     cal = pooled_calibration(np.asarray(cal_sums))
+    intervals = [iv for v in per_site.values() for iv in
+                 (cell_intervals(v["cells"]) if v.get("cells") is not None
+                  else fine_cells(np.asarray(v["pos"]), np.asarray(v["neg"])))]
+    known = not any(v.get("release") for v in per_site.values())
+    bounds = auc_bounds(intervals) if known else (math.nan, math.nan)
     block: dict[str, Any] = {
+        "disclosure": {site: (v.get("release") or ("exact" if v.get("cells") is None else
+                                                    f"cells ({len(v['cells'].starts)} cells)"))
+                       for site, v in sorted(per_site.items())},
         "per_site": {
             site: {k: v.get(k) for k in ("auc", "auc_ci", "n", "n_pos", "loss")}
             for site, v in sorted(per_site.items())
@@ -73,6 +83,9 @@ def combine_pass1(
             "threshold": threshold, "n": int(pos.sum() + neg.sum()), "n_pos": int(pos.sum()),
             "brier": cal.brier, "scaled_brier": cal.scaled_brier,
             "calibration_bins": [list(b) for b in cal.bins], "grid_bins": grid.n_bins,
+            # the AUC's range over every arrangement of the patients inside what the sites
+            # released (a point when every site released fine histograms of distinct scores)
+            "auc_bounds": [None if math.isnan(x) else x for x in bounds],
         },
     }
     for name, (limits, focus) in PARTIAL_AUC.items():

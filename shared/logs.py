@@ -15,7 +15,9 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "httpcore", "urllib3", "matplotlib", "PIL"):
+    # pynetdicom logs DICOM identifiers at INFO: the PACS pull keeps them off the default log.
+    for noisy in ("httpx", "httpcore", "urllib3", "matplotlib", "PIL", "pynetdicom",
+                  "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -30,6 +30,10 @@ def test_valid_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.manifest == (tmp_path / "data/manifest.csv").resolve()
     assert cfg.private_key == (tmp_path / "keys/a.key").resolve()
     assert load_site_config(tmp_path / "site.yaml", role="external").role == "external"
+    assert cfg.secagg_peers is None and cfg.secagg_min_sites == 3
+    (tmp_path / "peers").mkdir()
+    cfg = load_site_config(_write(tmp_path, BASE + "secagg_peers: peers\nsecagg_min_sites: 4\n"))
+    assert cfg.secagg_peers == (tmp_path / "peers").resolve() and cfg.secagg_min_sites == 4
 
 
 @pytest.mark.parametrize("text,message", [
@@ -38,6 +42,8 @@ def test_valid_and_relative_paths(tmp_path: Path) -> None:
     (BASE.replace("keys/a.key", "keys/missing.key"), "column 'private_key': file not found"),
     ("- a\n- b\n", "expected a mapping"),
     ("site: [unclosed\n", "not valid YAML"),
+    (BASE + "secagg_peers: peers\n", "column 'secagg_peers': folder not found"),
+    (BASE + "secagg_min_sites: 1\n", "column 'secagg_min_sites': must be an integer >= 2"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     path = _write(tmp_path, text)

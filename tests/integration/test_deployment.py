@@ -80,6 +80,8 @@ def _site_yaml(folder: Path, site: str, role: str, manifest: Path, port: int, ca
         f"site: {site}\nrole: {role}\ntask: ki67_ceus\nmanifest: {manifest}\n"
         f"coordinator: 127.0.0.1:{port}\nca_certificate: {ca}\nprivate_key: {key}\n"
         f"runtime_port: {_free_port()}\n"
+        # the phantom's splits are below the cells policy's minimums (docs/privacy.md)
+        "disclosure: {mode: exact}\n"
     )
     return path
 
@@ -137,7 +139,7 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
             f"site: site_A\nrole: train\ntask: ki67_ceus\n"
             f"manifest: {phantom / 'site_A' / 'manifest.csv'}\n"
             f"coordinator: 127.0.0.1:{port}\ninsecure: true\nmax_retries: 2\n"
-            f"runtime_port: {_free_port()}\n"
+            f"runtime_port: {_free_port()}\ndisclosure: {{mode: exact}}\n"
         )
         plaintext = subprocess.run([script("hcc-fl-client"), "--site-config", str(plain)],
                                    capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@ model within the quantisation error, and the run records it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,40 @@ def test_secagg_round_equals_fedavg_within_quantisation(small_phantom: Path,
             .splitlines()]
     assert {h["site"] for h in hist if h.get("secure_aggregation")} == {"site_A", "site_B",
                                                                          "site_C"}
+
+
+HOSTILE_DIR = Path(__file__).resolve().parent / "hostile_site"
+
+
+@pytest.mark.slow
+def test_a_site_dropping_between_setup_and_share_leaves_an_exact_sum(small_phantom: Path,
+                                                                     tmp_path: Path) -> None:
+    """site_C advertises its keys and fails before sharing them (test-only sitecustomize): the
+    other sites mask only with the peers whose shares arrived, so the round's model is plain
+    FedAvg over site_A and site_B (within the quantisation error; the plain run's weight cap is
+    off, as a secure sum cannot cap), not a corrupt sum."""
+    common = [f"data_root={small_phantom}", f"runs_dir={tmp_path}", "strategy=fedavg",
+              "federation.rounds=1", "federation.min_sites=2", "baselines.centralized=false",
+              "baselines.local=false", "report=false"]
+    env = {**os.environ, "HCC_FL_TEST_SECAGG_DROP": "site_C",
+           "PYTHONPATH": os.pathsep.join(
+               [str(HOSTILE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    runs = (("two", ["federation.training_sites=[site_A,site_B]", "federation.max_site_weight=1",
+                     "secure_aggregation.enabled=false"], None),
+            ("drop", ["secure_aggregation.enabled=true"], env))
+    for name, extra, environ in runs:
+        out = subprocess.run([script("hcc-fl"), "simulate", *common, f"run_name={name}", *extra,
+                              "--quiet"],
+                             capture_output=True, text=True, timeout=900, env=environ)
+        assert out.returncode == 0, out.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "models" / "fedavg.pt")
+    drop = torch.load(tmp_path / "drop" / "models" / "fedavg.pt")
+    diff = max(float((two[k].double() - drop[k].double()).abs().max()) for k in two)
+    assert 0 < diff < 5e-5, diff
+    fed = json.loads((tmp_path / "drop" / "metrics.json").read_text())["federated"]["fedavg"]
+    assert (fed["secure_aggregation"][0]["purpose"], fed["secure_aggregation"][0]["survivors"],
+            fed["secure_aggregation"][0]["dropped"]) == ("train", 2, ["site_C"])
+    audit = [json.loads(x) for x in (tmp_path / "drop" / "logs" / "audit-coordinator.jsonl")
+             .read_text().splitlines()]
+    assert any(e.get("type") == "secagg_share" and e.get("peer") == "site_C"
+               and "site error" in str(e.get("decision")) for e in audit)

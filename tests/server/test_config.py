@@ -46,6 +46,8 @@ def test_bad_config_is_named(override: str, message: str) -> None:
     [
         (["task=tace_ceus", "privacy=dp"], "DP does not cover"),
         (["task=er_ceus", "secure_aggregation.enabled=true"], "aggregated in the clear"),
+        (["secure_aggregation.enabled=true", "secure_aggregation.modulus=1099511627776"],
+         "must be a power of two in"),
         (["task=tace_ceus", "task.tabular_rounds=0"], "tabular_rounds"),
         (["task=er_ceus", "task.stack.inputs=[deep]"], "stack.inputs"),
         (["task.name=nosuch"], "unknown task .nosuch."),

@@ -10,6 +10,10 @@ site only:
   internally consistent counts (x10) — only the size the site declared betrays them.
 
 The other sites run the unchanged code.
+
+With ``HCC_FL_TEST_SECAGG_DROP=<site>`` (``tests/integration/test_secagg_e2e.py``), that site
+fails every SecAgg+ ``share`` stage of a training round, as a site crashing after it advertised
+its keys and before it shared them would.
 """
 
 from __future__ import annotations
@@ -22,9 +26,21 @@ from typing import Any
 
 TARGET = "hcc_fl.client.flower_app"
 HOSTILE = os.environ.get("HCC_FL_TEST_HOSTILE", "")
+DROP = os.environ.get("HCC_FL_TEST_SECAGG_DROP", "")
 
 
 def _patch(module: Any) -> None:
+    if DROP:
+        share = module.site_share
+
+        def dropping_share(state: Any, ident: Any, adverts: Any) -> Any:
+            if state.site == DROP and state.tag.startswith("train-"):
+                raise ConnectionError("test: the site went away after set-up")
+            return share(state, ident, adverts)
+
+        module.site_share = dropping_share
+    if not HOSTILE:
+        return
     import numpy as np
     import torch
 
@@ -67,5 +83,5 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if HOSTILE:
+if HOSTILE or DROP:
     sys.meta_path.insert(0, _Finder())
