@@ -16,13 +16,23 @@ from hcc_fl.shared.tasks import TASKS, get_task
 
 
 def _check_data(args: argparse.Namespace) -> int:
+    from hcc_fl.client.decode_check import SizeLimits, use_limits
     from hcc_fl.client.manifest import validate_manifest
 
     task = get_task(args.task)
     splits = ("test",) if args.role == "external" else ("train",)
     try:
+        limits = SizeLimits.from_mb(args.max_image_mb)
+    except ValueError as exc:
+        print(f"error: --max-image-mb: {exc}", file=sys.stderr)
+        return 1
+    use_limits(limits)
+    try:
         manifest = validate_manifest(Path(args.manifest), task, splits,
-                                     check_files=not args.no_files)
+                                     check_files=not args.no_files,
+                                     allowed_roots=tuple(Path(r).resolve()
+                                                         for r in args.allow_root),
+                                     both_classes=splits if args.role == "external" else ())
     except DataError as exc:
         print(f"{args.manifest}: {len(exc.issues)} problem(s) for task {task.name}:",
               file=sys.stderr)
@@ -33,7 +43,15 @@ def _check_data(args: argparse.Namespace) -> int:
     label = [r[task.label] for r in manifest.rows]
     print(f"{manifest.path}: OK for task {task.name} ({len(manifest.rows)} rows; "
           f"train {counts['train']}, val {counts['val']}, test {counts['test']}; "
-          f"label '{task.label}' positive {label.count('1')}, negative {label.count('0')})")
+          f"label '{task.label}' positive {label.count('1')}, negative {label.count('0')}; "
+          f"images decoded within {limits.mb:g} MiB each)"
+          if not args.no_files else f"{manifest.path}: OK for task {task.name} (table only; "
+          f"{len(manifest.rows)} rows)")
+    for split in ("train", "val"):
+        got = {r[task.label] for r in manifest.rows_in((split,))}
+        if len(got) == 1:
+            print(f"note: split '{split}' holds one class of '{task.label}'; the coordinator "
+                  f"refuses a run whose pooled '{split}' split lacks a class")
     print(f"manifest sha256 {manifest.sha256}")
     return 0
 
@@ -76,6 +94,7 @@ def _run_site(args: argparse.Namespace) -> int:
     """Check the site's data, then run an authenticated SuperNode under supervision."""
     import os
 
+    from hcc_fl.client.decode_check import SizeLimits, use_limits
     from hcc_fl.client.manifest import validate_manifest
     from hcc_fl.client.site_config import load_site_config
     from hcc_fl.shared.audit import AuditLog
@@ -86,7 +105,9 @@ def _run_site(args: argparse.Namespace) -> int:
         cfg = load_site_config(args.site_config, args.role)
         task = get_task(cfg.task)
         splits = ("test",) if cfg.role == "external" else ("train",)
-        manifest = validate_manifest(cfg.manifest, task, splits)
+        use_limits(SizeLimits.from_mb(cfg.max_image_mb))
+        manifest = validate_manifest(cfg.manifest, task, splits, allowed_roots=cfg.allowed_roots,
+                                     both_classes=splits if cfg.role == "external" else ())
     except DataError as exc:
         print(f"error: {len(exc.issues)} problem(s); the site does not join:", file=sys.stderr)
         for issue in exc.issues:
@@ -101,7 +122,9 @@ def _run_site(args: argparse.Namespace) -> int:
     exe = str(Path(sys.executable).parent / "flower-supernode")
     node_config = (f'manifest="{cfg.manifest}" site="{cfg.site}" role="{cfg.role}" '
                    f'task="{cfg.task}" audit="{audit}" state="{home}" '
-                   f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget}')
+                   f'privacy-budget={-1.0 if cfg.privacy_budget is None else cfg.privacy_budget} '
+                   f'max-image-mb={cfg.max_image_mb} '
+                   f'allowed-roots="{os.pathsep.join(map(str, cfg.allowed_roots))}"')
     node_config += "".join(f' {k}="{v}"' if isinstance(v, str) else f" {k}={v}"
                            for k, v in cfg.disclosure.as_config().items())
     if cfg.secagg_peers is not None and cfg.private_key is not None:
@@ -246,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     c.add_argument("--no-files", action="store_true",
                    help="check the table only, not the referenced files")
+    c.add_argument("--max-image-mb", type=float, default=None, metavar="MIB",
+                   help="per-image decode limit in MiB, checked on each header before decoding "
+                   "(default: SITE.yaml's max_image_mb default, 2048)")
+    c.add_argument("--allow-root", action="append", default=[], metavar="FOLDER",
+                   help="a folder besides the manifest's own that paths may point into "
+                   "(repeatable; SITE.yaml: allowed_roots)")
     c.set_defaults(func=_check_data)
     pl = sub.add_parser(
         "pull", help="build the site's export and manifest from the hospital's PACS",

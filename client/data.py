@@ -123,7 +123,8 @@ def _clip(manifest: Manifest, line: int, row: dict[str, str], frames: int, size:
         x0, y0, x1, y1 = roi
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
             raise DataError.single(
-                manifest.path, f"ROI {roi} lies outside the {w}x{h} cine", line, "ceus_roi_x0"
+                manifest.path, f"the ROI is empty, inverted or outside the {w}x{h} cine", line,
+                "ceus_roi_x0"
             )
     clip = crop_resize(resample_cine(cine, frames), roi, size)
     return standardise(clip)[None]

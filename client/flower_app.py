@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ from hcc_fl.client.components import (
     site_tabular,
 )
 from hcc_fl.client.data import SiteData, load_site
+from hcc_fl.client.decode_check import SizeLimits, use_limits
 from hcc_fl.client.disclosure import ReleasePolicy
 from hcc_fl.client.evaluate import ssl_validation, validation_metrics
+from hcc_fl.client.manifest import allow_roots
 from hcc_fl.client.privacy import (
     PrivacyConfig,
     PrivacyLedger,
@@ -119,6 +122,15 @@ def _audit(context: Context) -> AuditLog:
     return AuditLog(str(nc["audit"]) if nc.get("audit") else None, str(nc.get("site", "site")))
 
 
+def _site_limits(context: Context) -> None:
+    """Apply SITE.yaml's decode limit and allowed roots (node config; simulation: defaults)."""
+    nc = context.node_config
+    use_limits(SizeLimits.from_mb(float(cast(Any, nc["max-image-mb"]))
+                                  if "max-image-mb" in nc else None))
+    roots = str(nc.get("allowed-roots", "") or "")
+    allow_roots([Path(r) for r in roots.split(os.pathsep) if r])
+
+
 def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
                                     Callable[[Message, Context], Message]]:
     """Audit every message; log failures at the site; send the coordinator only a path-free
@@ -128,6 +140,7 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
         @functools.wraps(fn)
         def inner(msg: Message, context: Context) -> Message:
             timing.note(kind=kind, site=str(context.node_config.get("site", "")))
+            _site_limits(context)
             timing.mark("handler-start")
             torch.set_num_threads(max(1, int(_num(context.run_config, "client-threads", 1))))
             audit = _audit(context)
@@ -144,11 +157,12 @@ def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],
             try:
                 reply = fn(msg, context)
             except DataError as exc:
-                log.error("%s failed on site data: %s", kind, exc)
-                refused(f"failed: site data check ({len(exc.issues)} issue(s))")
+                log.error("%s failed on site data (%d problem(s)):\n  %s", kind,
+                          len(exc.issues), "\n  ".join(str(i) for i in exc.issues))
+                refused(f"failed: site data check: {exc.summary()}")
                 raise RuntimeError(
-                    f"{kind}: site data check failed ({len(exc.issues)} issue(s)); "
-                    "run `hcc-fl-client check-data` at the site for details"
+                    f"{kind}: site data check failed: {exc.summary()}; the site's log names "
+                    "each file, line and column (`hcc-fl-client check-data` lists them too)"
                 ) from None
             except PermissionError as exc:
                 log.warning("%s refused: %s", kind, exc)

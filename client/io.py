@@ -5,6 +5,8 @@ Every error names the file; pixel data never leaves these functions except as ar
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from hcc_fl.client.decode_check import (
+    SizeLimits,
+    check_dicom_size,
+    check_mask_size,
+    check_video_size,
+)
 from hcc_fl.shared.errors import DataError
 
 F32 = npt.NDArray[np.float32]
@@ -29,11 +37,17 @@ class Cine:
     times: F32
 
 
+# What pydicom raises on a damaged file varies with the damage (a struct.error from a truncated
+# tag, a TypeError from a malformed value, ...); any of them means the file cannot be used.
+READ_ERRORS = (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError,
+               AttributeError, IndexError, OverflowError, struct.error)
+
+
 def read_dicom_header(path: Path) -> Dataset:
     """Read a DICOM header only (no pixel data); errors name the file."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+    except READ_ERRORS as exc:
         raise DataError.single(path, f"not a readable DICOM file ({type(exc).__name__})") from exc
 
 
@@ -59,26 +73,44 @@ def _luminance(arr: npt.NDArray[np.generic], ds: Dataset, path: Path) -> F32:
     return np.asarray(out, dtype=np.float32)
 
 
-def _decode(path: Path) -> tuple[Dataset, npt.NDArray[np.generic]]:
+def _decode(path: Path, limits: SizeLimits | None = None
+            ) -> tuple[Dataset, npt.NDArray[np.generic]]:
+    """Read the header, check its declared size against the site's limit, then decode."""
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, KeyError) as exc:
+        # Large values (the pixel data) stay on disk until the size check passed.
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except READ_ERRORS as exc:
         raise DataError.single(path, f"not a readable DICOM file ({type(exc).__name__})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DataError.single(path, "DICOM file has no pixel data")
+    check_dicom_size(ds, path, limits)
     try:
         arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable file
+        meta = getattr(ds, "file_meta", None)
+        ts = meta.get("TransferSyntaxUID", "unknown") if meta is not None else "unknown"
+        first = (str(exc).splitlines() or [""])[0][:200]
         raise DataError.single(
-            path,
-            f"pixel data cannot be decoded (transfer syntax "
-            f"{ds.file_meta.get('TransferSyntaxUID', 'unknown')}: {exc})",
-        ) from exc
+            path, f"pixel data cannot be decoded (transfer syntax {ts}: "
+                  f"{type(exc).__name__}: {first})") from None
     return ds, arr
 
 
 def _frame_times(ds: Dataset, n_frames: int, path: Path) -> F32:
-    """Frame times in seconds from FrameTime, FrameTimeVector or CineRate."""
+    """Frame times in seconds from FrameTime, FrameTimeVector or CineRate; they must be finite
+    and increase from frame to frame."""
+    try:
+        times = _raw_frame_times(ds, n_frames, path)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataError.single(path, "frame timing tags (FrameTime, FrameTimeVector, CineRate) "
+                                     "are not numbers") from exc
+    if not np.all(np.isfinite(times)) or (len(times) > 1 and not np.all(np.diff(times) > 0)):
+        raise DataError.single(path, "frame times from FrameTime, FrameTimeVector or CineRate "
+                                     "are not finite and increasing")
+    return times
+
+
+def _raw_frame_times(ds: Dataset, n_frames: int, path: Path) -> F32:
     if n_frames == 1:
         return np.zeros(1, dtype=np.float32)
     if "FrameTime" in ds and float(ds.FrameTime) > 0:
@@ -97,7 +129,7 @@ def _frame_times(ds: Dataset, n_frames: int, path: Path) -> F32:
     )
 
 
-def read_cine(path: str | Path) -> Cine:
+def read_cine(path: str | Path, limits: SizeLimits | None = None) -> Cine:
     """Read a cine loop as luminance frames with their times.
 
     Parameters
@@ -111,38 +143,60 @@ def read_cine(path: str | Path) -> Cine:
     Cine
         ``frames`` shape (T, H, W) float32 in the file's grey scale (colour converted to
         luminance, 0.299 R + 0.587 G + 0.114 B), ``times`` shape (T,) seconds from the first frame.
+    limits : SizeLimits, optional
+        The size limit checked on the header before decoding (default: the site's,
+        :func:`hcc_fl.client.decode_check.active_limits`).
 
     Raises
     ------
     DataError
-        The file is missing, not decodable, or has no frame timing; the message names the file.
+        The file is missing, declares a size above the limit, is not decodable, has non-finite
+        pixels, or has no usable frame timing; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError.single(path, "file not found")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        return _read_video(path)
-    ds, arr = _decode(path)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    lum = _luminance(arr, ds, path)
-    if n_frames == 1:
+        return _read_video(path, limits)
+    ds, arr = _decode(path, limits)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)  # a positive integer: check_dicom_size
+    try:
+        lum = _luminance(arr, ds, path)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. PALETTE COLOR without its lookup tables
+        raise DataError.single(path, f"pixel data cannot be converted to grey levels "
+                                     f"(PhotometricInterpretation "
+                                     f"{ds.get('PhotometricInterpretation', 'none')!s}: "
+                                     f"{type(exc).__name__})") from None
+    if n_frames == 1 and lum.ndim == 2:
         lum = lum[None]
     if lum.ndim != 3 or lum.shape[0] != n_frames:
-        raise DataError.single(path, f"unexpected pixel array shape {tuple(arr.shape)}")
+        raise DataError.single(path, f"decoded pixel array has shape {tuple(arr.shape)}, which "
+                                     f"does not match NumberOfFrames {n_frames}")
+    if not np.all(np.isfinite(lum)):
+        raise DataError.single(path, "decoded pixel data holds non-finite values")
     return Cine(np.ascontiguousarray(lum), _frame_times(ds, n_frames, path))
 
 
-def _read_video(path: Path) -> Cine:
+def _read_video(path: Path, limits: SizeLimits | None = None) -> Cine:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise DataError.single(path, "video cannot be opened by OpenCV")
+        declared = check_video_size(cap, path, limits)
         fps = float(cap.get(cv2.CAP_PROP_FPS))
-        frames = []
+        frames: list[F32] = []
         while True:
             ok, frame = cap.read()
             if not ok:
                 break
+            if frame.shape[:2] != (declared.rows, declared.columns):
+                raise DataError.single(path, "a decoded frame's size differs from the size the "
+                                             "video container declares")
+            if len(frames) >= declared.frames:
+                raise DataError.single(path, f"the video holds more frames than the "
+                                             f"{declared.frames} its container declares")
             if frame.ndim == 3:
                 frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
             frames.append(frame.astype(np.float32))
@@ -150,15 +204,15 @@ def _read_video(path: Path) -> Cine:
         cap.release()
     if not frames:
         raise DataError.single(path, "video has no decodable frames")
-    if fps <= 0:
+    if not (math.isfinite(fps) and fps > 0):
         raise DataError.single(path, "video has no frame rate")
     times = (np.arange(len(frames), dtype=np.float32) / fps).astype(np.float32)
     return Cine(np.stack(frames).astype(np.float32), times)
 
 
-def read_image(path: str | Path) -> F32:
+def read_image(path: str | Path, limits: SizeLimits | None = None) -> F32:
     """Read a single-frame DICOM (or the first frame of a multi-frame one) as (H, W) luminance."""
-    cine = read_cine(path)
+    cine = read_cine(path, limits)
     return cine.frames[0]
 
 
@@ -204,7 +258,8 @@ def standardise(x: F32) -> F32:
 MASK_SUFFIXES = {".png", ".tif", ".tiff", ".bmp", ".npy"}
 
 
-def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> npt.NDArray[np.bool_]:
+def read_mask(path: str | Path, shape: tuple[int, int] | None = None,
+              limits: SizeLimits | None = None) -> npt.NDArray[np.bool_]:
     """Read a binary ROI mask (PNG/TIFF/BMP image or ``.npy`` array; non-zero = inside).
 
     Raises
@@ -220,17 +275,21 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> npt.NDA
     if suffix not in MASK_SUFFIXES:
         raise DataError.single(path, f"unsupported mask format '{suffix}' (use "
                                f"{', '.join(sorted(MASK_SUFFIXES))})")
+    check_mask_size(path, limits)
     if suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError.single(path, f"not a readable .npy array ({exc})") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError.single(path, f"not a readable .npy array ({type(exc).__name__})"
+                                   ) from None
     else:
         arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if arr is None:
             raise DataError.single(path, "image cannot be decoded")
     if arr.ndim != 2:
         raise DataError.single(path, f"a mask must be 2-D, found shape {tuple(arr.shape)}")
+    if arr.dtype.kind not in "biuf":
+        raise DataError.single(path, f"a mask must hold numbers, found dtype {arr.dtype.str}")
     mask = np.asarray(arr) > 0
     if not mask.any():
         raise DataError.single(path, "the mask is empty (no pixel inside the ROI)")

@@ -32,9 +32,9 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from hcc_fl.client.io import read_mask
+from hcc_fl.client.decode_check import active_limits, check_dicom_size
+from hcc_fl.client.io import READ_ERRORS, read_mask
 from hcc_fl.shared.errors import DataError, DataIssue
 
 F32 = npt.NDArray[np.float32]
@@ -276,14 +276,14 @@ def _read_header(path: Path) -> Dataset:
     try:
         # Large values (the pixel data) stay on disk until decoded.
         return pydicom.dcmread(path, defer_size=1024)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError,
-            AttributeError, IndexError) as exc:
+    except READ_ERRORS as exc:
         raise _fail(path, f"not a readable DICOM file ({type(exc).__name__})") from None
 
 
 def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _fail(path, "DICOM file has no pixel data (PixelData missing; not an image)")
+    check_dicom_size(ds, path)  # before anything is allocated per frame
     n = _integer(_get(ds, "NumberOfFrames"), "NumberOfFrames", path, "file") or 1
     multi = n > 1 or "PerFrameFunctionalGroupsSequence" in ds or (
         "SharedFunctionalGroupsSequence" in ds
@@ -515,16 +515,16 @@ def _require_dz(dz: float | None, ref: _Frame, h: _Header) -> float:
 
 def _decode(path: Path) -> tuple[Dataset, npt.NDArray[np.generic]]:
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except READ_ERRORS as exc:
         raise _fail(path, f"not a readable DICOM file ({type(exc).__name__})") from None
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise _fail(path, f"SamplesPerPixel is {samples} (PhotometricInterpretation "
+    declared = check_dicom_size(ds, path)
+    if declared.samples != 1:
+        raise _fail(path, f"SamplesPerPixel is {declared.samples} (PhotometricInterpretation "
                           f"{ds.get('PhotometricInterpretation', '?')}): not a grey-scale MR image")
     try:
         arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable file
         meta = getattr(ds, "file_meta", None)
         ts = meta.get("TransferSyntaxUID") if meta is not None else None
         name = f"{ts} {getattr(ts, 'name', '')}".strip() if ts else "unknown"
@@ -536,6 +536,13 @@ def _decode(path: Path) -> tuple[Dataset, npt.NDArray[np.generic]]:
 def _load(h: _Header) -> MRSeries:
     frames, dz, normal = _sort_frames(h)
     ref = frames[0]
+    limits = active_limits()
+    need = len(frames) * ref.rows * ref.cols * 4
+    if need > limits.max_bytes:
+        raise _fail(ref.path, f"series {h.label} declares {len(frames)} slices of {ref.rows} x "
+                              f"{ref.cols}: about {need / 2**20:,.0f} MiB as a float32 volume, "
+                              f"above the site's limit of {limits.mb:,.0f} MiB (max_image_mb); "
+                              "nothing was decoded")
     volume = np.empty((len(frames), ref.rows, ref.cols), dtype=np.float32)
     slots: dict[Path, list[tuple[int, _Frame]]] = {}
     for z, fr in enumerate(frames):

@@ -22,6 +22,8 @@
                                         # distributed with the certificates (not by the
                                         # coordinator); needed to take part in SecAgg+
     secagg_min_sites: 3                 # SecAgg+: the fewest sites this site aggregates with
+    max_image_mb: 2048                  # per-image decode limit in MiB, checked before decoding
+    allowed_roots: []                   # folders besides the manifest's that paths may point into
 
 Relative paths are resolved against the folder of the YAML file. An optional ``pacs:`` section
 (where ``hcc-fl-client pull`` fetches the images) is read by :mod:`hcc_fl.client.pacs_config`,
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from hcc_fl.client.decode_check import DEFAULT_MAX_IMAGE_MB
 from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.tasks import TASKS
@@ -61,6 +64,8 @@ class SiteConfig:
     disclosure: ReleasePolicy = ReleasePolicy()
     secagg_peers: Path | None = None  # folder of the peers' <site>.pub (from the consortium)
     secagg_min_sites: int = 3  # the fewest sites this site runs secure aggregation with
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+    allowed_roots: tuple[Path, ...] = ()
 
 
 def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
@@ -124,6 +129,14 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
     if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
         raise DataError.single(path, f"must be an integer >= 2, got {min_sites!r}",
                                column="secagg_min_sites")
+    max_mb = raw.get("max_image_mb", DEFAULT_MAX_IMAGE_MB)
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not (
+            0 < max_mb < float("inf")):
+        raise DataError.single(path, "must be a positive number of MiB (the per-image decode "
+                               "limit)", column="max_image_mb")
+    roots = raw.get("allowed_roots") or []
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise DataError.single(path, "must be a list of folder paths", column="allowed_roots")
     cfg = SiteConfig(
         path=path, site=need("site"), role=the_role, task=task,
         manifest=resolve(need("manifest")), coordinator=need("coordinator"),
@@ -135,6 +148,8 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         privacy_budget=None if budget is None else float(budget),
         disclosure=policy,
         secagg_peers=resolve(str(peers)) if peers else None, secagg_min_sites=min_sites,
+        max_image_mb=float(max_mb),
+        allowed_roots=tuple(resolve(r) for r in roots),
     )
     if cfg.secagg_peers is not None and not cfg.secagg_peers.is_dir():
         raise DataError.single(path, f"folder not found: {cfg.secagg_peers}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, cast
 
 from hydra import compose, initialize_config_module
@@ -18,6 +20,12 @@ class ConfigError(ValueError):
     """An experiment configuration that cannot run; the message names the key."""
 
 
+#: Keys whose default is a whole number but which take any number (seconds, ratios, days).
+FRACTIONAL = {"federation.round_timeout_s", "federation.discovery_timeout_s",
+              "federation.max_update_norm_ratio", "task.cox_horizon"}
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
 def compose_config(overrides: list[str]) -> dict[str, Any]:
     """Compose ``config.yaml`` with Hydra ``overrides`` (``key=value``, ``group=option``)."""
     try:
@@ -28,8 +36,72 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     out = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(out, dict)
     result = cast(dict[str, Any], out)
-    check_config(result)
+    if isinstance(result.get("run_name"), int) and not isinstance(result["run_name"], bool):
+        result["run_name"] = str(result["run_name"])  # run_name=2024 is a name, not a number
+    check_types(result, _defaults(overrides))
+    try:
+        check_config(result)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a value of a wrong kind
+        raise ConfigError(f"configuration: a value has the wrong type or is missing "
+                          f"({type(exc).__name__}: {exc})") from None
     return result
+
+
+GROUPS = ("task", "model", "strategy", "federation", "privacy")
+
+
+def _defaults(overrides: list[str]) -> dict[str, Any]:
+    """The configuration the same group choices give without any value override: the
+    reference for the type of every key."""
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    with initialize_config_module(config_module="hcc_fl.configs", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=groups)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    return cast(dict[str, Any], out)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+def check_types(cfg: dict[str, Any], reference: dict[str, Any], where: str = "") -> None:
+    """Every value must be of the kind its default has (a number where a number is expected,
+    finite; a string where a string is expected, ...); the error names the key path.
+    ``run_name`` must be a plain folder name."""
+    for key, value in cfg.items():
+        path = f"{where}{key}"
+        if path == "run_name" and value is not None and (
+                not isinstance(value, str) or not RUN_NAME.fullmatch(value)):
+            raise ConfigError(f"run_name: must be a folder name of letters, digits, '.', '_' "
+                              f"or '-' (not starting with '.'), got {value!r}")
+        if key not in reference or reference[key] is None or value is None:
+            continue
+        ref = reference[key]
+        if isinstance(ref, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping (a group of keys), got {value!r}")
+            check_types(value, ref, f"{path}.")
+            continue
+        if isinstance(ref, bool) != isinstance(value, bool) or (
+                _kind(ref) != _kind(value) and not isinstance(ref, bool)):
+            raise ConfigError(f"{path}: expected {_kind(ref)} (like the default {ref!r}), got "
+                              f"{value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, float) \
+                and value != int(value) and path not in FRACTIONAL:
+            raise ConfigError(f"{path}: expected a whole number (like the default {ref!r}), got "
+                              f"{value!r}")
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:

@@ -105,13 +105,19 @@ def _audit_received(replies: list[Message], action: str) -> None:
     for r in replies:
         peer = NAMES.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
         if r.has_error():
+            # the site sends a PHI-free reason (client/flower_app.py: rule and count, no value)
             AUDIT.record("received", type=action, peer=peer, bytes=0,
-                         decision="site error (see the coordinator log)")
+                         decision=f"site error: {_reason(r)}")
         else:
             AUDIT.record("received", type=action, peer=peer, bytes=payload_bytes(r.content),
                          metrics=metric_names([*r.content.config_records.values(),
                                                *r.content.metric_records.values()]),
                          decision="accepted")
+
+
+def _reason(reply: Message) -> str:
+    """The error a site replied with, on one line and bounded."""
+    return " ".join(str(reply.error.reason).split())[:400]
 
 
 def _audit_missing(node_ids: set[int], action: str, timeout: float) -> None:
@@ -139,6 +145,9 @@ def _query(grid_: Grid, node_ids: list[int], action: str, content: RecordDict,
     return replies
 
 
+FAILED: dict[int, str] = {}  # node id -> the PHI-free reason of its last error reply
+
+
 def _site_infos(replies: list[Message], refused: set[int] | None) -> dict[int, dict[str, Any]]:
     """node id -> site description from ``site_info`` replies; nodes that answered with an
     error, or (with the identity gate) whose claimed name or role is not their key's, go to
@@ -147,7 +156,8 @@ def _site_infos(replies: list[Message], refused: set[int] | None) -> dict[int, d
     for reply in replies:
         if reply.has_error():
             log.warning("node %d could not describe itself: %s",
-                        reply.metadata.src_node_id, reply.error.reason)
+                        reply.metadata.src_node_id, _reason(reply))
+            FAILED[reply.metadata.src_node_id] = _reason(reply)
             if refused is not None:
                 refused.add(reply.metadata.src_node_id)
             continue
@@ -237,9 +247,11 @@ def discover_sites(
             _audit_missing(set(pending.values()), R.ACTION_SITE_INFO, now - start)
             quiet = "" if last_news == start else \
                 f" without a new site answering ({now - start:.0f} s in all)"
+            errors = "; ".join(f"{NAMES.get(n, f'node {n}')} answered with an error: "
+                               f"{FAILED[n]}" for n in sorted(failed) if n in FAILED)
             raise FederationError(
                 f"sites missing after {timeout_s:.0f} s{quiet}: {_some(expected - found)}"
-                f" (connected: {_some(found) or 'none'})"
+                f" (connected: {_some(found) or 'none'})" + (f"; {errors}" if errors else "")
             )
         time.sleep(poll_s)
 

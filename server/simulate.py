@@ -106,20 +106,42 @@ def load_index(data_root: Path) -> dict[str, Any]:
 def check_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any]) -> None:
     """Validate every participating site's manifest before any training."""
     from hcc_fl.client.manifest import validate_manifest
+    from hcc_fl.shared.errors import DataIssue
+    from hcc_fl.shared.evaluation import threshold_splits
 
     task = get_task(cfg["task"]["name"])
     fed = cfg["federation"]
     wanted = [*fed["training_sites"], fed["external_site"]]
     issues = []
+    labels: dict[str, dict[str, set[str]]] = {}
     for site in wanted:
         if site not in index["sites"]:
             raise ConfigError(f"federation: site '{site}' is not in {data_root}/manifest_index.json"
                               f" (has: {', '.join(index['sites'])})")
-        splits = ("test",) if site == fed["external_site"] else ("train",)
+        external = site == fed["external_site"]
+        splits = ("test",) if external else ("train",)
         try:
-            validate_manifest(data_root / index["sites"][site]["manifest"], task, splits)
+            m = validate_manifest(data_root / index["sites"][site]["manifest"], task, splits,
+                                  both_classes=splits if external else ())
         except DataError as exc:
             issues.extend(exc.issues)
+            continue
+        labels[site] = {s: {r[task.label] for r in m.rows_in((s,))} for s in ("train", "val")}
+    if issues:
+        raise DataError(issues)
+    # Pooled over the training sites, before any training: the loss needs both classes in
+    # 'train', the Youden threshold and the recalibration in the threshold split.
+    training = list(fed["training_sites"])
+    threshold = str(cfg["evaluation"]["threshold_split"])
+    needed = {"train": ("train",), threshold: threshold_splits(threshold)}
+    for split, parts in needed.items():
+        pooled = set().union(*(labels[s].get(p, set()) for s in training for p in parts))
+        if not {"0", "1"} <= pooled:
+            issues.append(DataIssue(
+                "federation.training_sites", f"split '{split}' of the training sites "
+                f"{', '.join(training)} holds {'no rows' if not pooled else 'one class'} of "
+                f"label '{task.label}' (pooled); training and the Youden threshold need both "
+                "classes: add cases or controls, or choose evaluation.threshold_split"))
     if issues:
         raise DataError(issues)
 
@@ -367,7 +389,9 @@ def run_simulation(
                 if not result_path.is_file():
                     err = work / "arms" / arm / "error.json"
                     why = json.loads(err.read_text())["error"] if err.is_file() else "failed"
-                    raise RuntimeError(f"federated arm '{arm}': {why}; see its log {logf}")
+                    raise RuntimeError(f"federated arm '{arm}': {why}; see its log {logf}. "
+                                       f"The run so far is kept in {work}: fix the cause and "
+                                       f"continue it with --resume {final}")
                 arm_results[arm] = json.loads(result_path.read_text())
                 timing[f"{arm}_s"] = time.monotonic() - t_arm
         timing["federated_total_s"] = time.monotonic() - t0

@@ -37,6 +37,16 @@ class DataError(ValueError):
         more = f" (and {len(issues) - 5} more)" if len(issues) > 5 else ""
         super().__init__(head + more)
 
+    def summary(self) -> str:
+        """A reason without file names, lines or values, for the coordinator and audit logs:
+        the number of problems and the columns (schema names) they are in."""
+        by_column: dict[str, int] = {}
+        for issue in self.issues:
+            key = issue.column or ("the file" if issue.row is None else "the row")
+            by_column[key] = by_column.get(key, 0) + 1
+        where = ", ".join(f"{k} ({n})" for k, n in sorted(by_column.items()))
+        return f"{len(self.issues)} data problem(s) in {where}"
+
     @classmethod
     def single(
         cls, file: str | Path, message: str, row: int | None = None, column: str | None = None

@@ -112,3 +112,50 @@ def test_robust_aggregation_with_five_sites() -> None:
                         "federation.trim_fraction=0.1"])
     with pytest.raises(ConfigError, match="in the clear"):
         compose_config([five, "federation.aggregation=median", "privacy=central-dp"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("run_name=nan", r"run_name: must be a folder name .* got nan"),
+    ("run_name=../elsewhere", r"run_name: must be a folder name"),
+    ("federation.rounds=abc", r"federation.rounds: expected a number \(like the default"),
+    ("federation.rounds=2.5", r"federation.rounds: expected a whole number"),
+    ("seed=inf", r"seed: expected a finite number"),
+    ("evaluation.recalibration=3", r"evaluation.recalibration: expected true or false"),
+    ("evaluation={a:1}", r"evaluation.threshold_split|evaluation"),
+])
+def test_bad_values_name_the_key_path(override: str, message: str) -> None:
+    """Issue 19: bad user input is a ConfigError naming the key, never a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        compose_config([override])
+
+
+def test_pooled_split_with_one_class_is_refused_before_training(tmp_path, small_phantom) -> None:
+    """The refusal names the split and the sites (simulate's check before any training)."""
+    import csv
+    import json
+    import os
+    import shutil
+
+    from hcc_fl.server.simulate import check_sites
+    from hcc_fl.shared.errors import DataError
+
+    shutil.copytree(small_phantom, tmp_path / "data", copy_function=os.link)
+    for site in ("site_A", "site_B", "site_C"):
+        path = tmp_path / "data" / site / "manifest.csv"
+        with path.open() as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            if r["split"] == "val":
+                r["ki67_high"] = "1"
+        path.unlink()
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    cfg = compose_config([f"data_root={tmp_path / 'data'}"])
+    index = json.loads((tmp_path / "data" / "manifest_index.json").read_text())
+    with pytest.raises(DataError, match=r"split 'val' of the training sites site_A, site_B, "
+                       r"site_C holds one class of label 'ki67_high'"):
+        check_sites(cfg, tmp_path / "data", index)
+    check_sites(compose_config([f"data_root={tmp_path / 'data'}",
+                                "evaluation.threshold_split=all"]), tmp_path / "data", index)

@@ -116,3 +116,29 @@ def test_a_long_missing_list_is_shortened() -> None:
     with pytest.raises(FederationError, match=r"site_019 and 21 more \(connected: none\)"):
         discover_sites(grid, TRAINING, "site_EXT", timeout_s=0.02,  # type: ignore[arg-type]
                        poll_s=0.01)
+
+
+def test_a_site_error_reply_reaches_the_console_and_audit(tmp_path) -> None:
+    """Issue 19: the PHI-free reason a site sends (rule and count) is in the coordinator's error
+    and audit log instead of a bare 'sites missing'."""
+    from flwr.app import Error
+
+    class FailingGrid(SlowGrid):
+        def _reply(self, sent: Message, node: int) -> Message:
+            if node != 12:
+                return super()._reply(sent, node)
+            TaskIdentity.node_id = node
+            reply = Message(Error(code=0, reason="site-info: site data check failed: 2 data "
+                                  "problem(s) in ceus_cine (2)"), reply_to=sent)
+            TaskIdentity.node_id = 1
+            return reply
+
+    TaskIdentity.node_id = 1
+    audit = tmp_path / "audit.jsonl"
+    flower_app.AUDIT = flower_app.AuditLog(str(audit), "coordinator")
+    grid = FailingGrid({11: "site_A", 12: "site_B", 13: "site_EXT"}, {11: 1, 12: 1, 13: 1})
+    with pytest.raises(FederationError, match=r"site_B .*answered with an error: site-info: "
+                       r"site data check failed: 2 data problem\(s\) in ceus_cine \(2\)"):
+        discover_sites(grid, ["site_A", "site_B"], "site_EXT", timeout_s=0.05,  # type: ignore[arg-type]
+                       poll_s=0.01)
+    assert "site error: site-info: site data check failed: 2 data problem(s)" in audit.read_text()
