@@ -15,13 +15,15 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help bench
+.PHONY: install demo demo-dp deploy-demo test lint typecheck pytest system-deps clean help bench \
+	docker-test container-deps
 
 help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment (TASK: ki67_ceus, tace_ceus, er_ceus)"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
 	@echo "make demo-dp                the demo with local DP-SGD at epsilon 8 per site"
 	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
+	@echo "make docker-test            build both images with podman, run coordinator + 4 sites in containers, compare"
 	@echo "make bench                  the benchmarks of bench/README.md on CPU (~1 h), then its tables"
 
 $(VENV)/.deps: pyproject.toml
@@ -81,6 +83,19 @@ system-deps:
 	  test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# podman (with runc, the runtime our hybrid-cgroup hosts accept) and debootstrap, for the
+# container images: Debian's packages, no image registry (README "Containers").
+container-deps:
+	@missing=""; for c in podman runc debootstrap; do \
+	  command -v $$c >/dev/null 2>&1 || test -x /usr/sbin/$$c || missing="$$missing $$c"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# Both images built and run: coordinator + 4 sites as containers, 2 rounds, = the simulation.
+docker-test: install container-deps
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/docker/containers.conf} \
+	  $(BIN)/pytest -m containers tests/test_containers.py -p no:cacheprovider -s
 
 pytest: install system-deps
 	$(BIN)/pytest

@@ -1,5 +1,6 @@
-"""docker/ stays consistent with the package (no Docker engine runs here, so the files are
-checked, not built): entry points exist, images run as non-root, data and keys are read-only."""
+"""docker/ stays consistent with the package, checked statically on every `make test`: entry
+points exist, images run as non-root, data and keys are read-only, nothing but the sources enters
+a build. tests/test_containers.py (`make docker-test`) builds and runs the images."""
 
 from __future__ import annotations
 
@@ -25,7 +26,13 @@ def test_images_run_installed_console_scripts_as_non_root() -> None:
         text = (REPO / "docker" / name).read_text()
         assert _entry(name)[0] == script and script in scripts
         assert re.search(r"^USER hccfl$", text, re.M), name
-        assert "torch==2.13.0" in text and "/tmp/*.whl" in text  # the built wheel, CPU torch
+        assert "torch==2.13.0" in text and "/tmp/dist/*.whl" in text  # the built wheel, CPU torch
+        assert re.search(r"^ARG BASE_IMAGE=python:3.11-slim$", text, re.M), name
+        assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", text, re.M), name
+        # only the sources are copied; the pip configuration is a build secret, not a file
+        copies = re.findall(r"^COPY (?!--from=wheel )(\S+)", text, re.M)
+        assert set(copies) == {"pyproject.toml", "server", "client", "shared", "configs"}, copies
+        assert "/etc/pip.conf" not in text and "/opt/wheels" not in text
     assert "nginx-light" in (REPO / "docker" / "Dockerfile.server").read_text()
     assert _entry("Dockerfile.client")[1:3] == ["--site-config", "/site/site.yaml"]
 
@@ -43,3 +50,5 @@ def test_compose_mounts_keys_and_data_read_only() -> None:
     assert services["coordinator"]["ports"] == ["9092:9092"]
     script = (REPO / "docker" / "make-site-configs.sh").read_text()
     assert "coordinator: coordinator:9092" in script
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1:][:1] == ["!pyproject.toml"]  # all else excluded
