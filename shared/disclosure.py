@@ -123,8 +123,11 @@ class Cells:
         return np.array([(a + b) / (2 * m) for a, b in zip(self.starts, ends, strict=True)])
 
     def cell_of(self, score: npt.ArrayLike) -> npt.NDArray[np.int64]:
-        s = np.asarray(score, dtype=np.float64).ravel()
-        cand = np.clip(np.floor(s * self.n_candidates), 0, self.n_candidates - 1)
+        from hcc_fl.shared.metrics.pooled import ScoreGrid
+
+        # the candidate cell by the exactly rounded edges, as the cells were counted (a score on
+        # an edge, 0.29 on the 100-cell grid, belongs to the cell that starts there)
+        cand = ScoreGrid(self.n_candidates).index(score)
         return (np.searchsorted(np.asarray(self.starts), cand, side="right") - 1).astype(np.int64)
 
     @classmethod

@@ -101,6 +101,20 @@ def test_the_auc_bounds_always_hold_the_central_auc(seed: int, sizes: list[int])
     assert elo - 1e-12 <= central <= ehi + 1e-12 and ehi - elo <= hi - lo + 1e-12
 
 
+def test_scores_on_candidate_edges_stay_in_the_cell_that_counted_them() -> None:
+    """0.29 * 100 is 28.999... in floating point: a score on a candidate edge must be placed in
+    the cell that starts there, as it was counted, or a released cell would hold 1 to k - 1."""
+    y = np.array([1.0] * 5 + [0.0] * 5 + [1.0] * 5 + [0.0] * 5)
+    s = np.array([0.1] * 5 + [0.2] * 5 + [0.28] * 5 + [0.29] * 5)
+    policy = ReleasePolicy(min_split=0)
+    cells = score_cells(y, s, policy)
+    for label, counted in ((1, cells.pos), (0, cells.neg)):
+        placed = np.bincount(cells.cell_of(s)[y == label], minlength=len(cells.starts))
+        assert np.array_equal(placed, counted)
+    out = validation_sums_prob(y, s, GRID, policy)
+    assert all(_ok(c, 5) for h in (out["pos"], out["neg"]) for c in h)
+
+
 def test_small_splits_are_refused_naming_the_rule() -> None:
     y, s = np.array([1.0, 0.0, 1.0]), np.array([0.91, 0.12, 0.55])  # a 3-patient site
     for call in (lambda: validation_sums_prob(y, s, GRID, CELLS),
