@@ -58,8 +58,12 @@ __all__ = ["KEY_CELL_WIDTH", "KEY_MIN_CELL", "KEY_MIN_SPLIT", "KEY_MODE", "MODES
 
 F64 = npt.NDArray[np.float64]
 
-def _ok(count: float, k: int) -> bool:
+def count_releasable(count: float, k: int) -> bool:
+    """The policy's rule for one released count of patients: 0 or at least ``k``."""
     return count == 0 or count >= k
+
+
+_ok = count_releasable
 
 
 def check_split(y: npt.ArrayLike, policy: ReleasePolicy, what: str) -> None:

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hcc_fl.client.site_config import read_site_yaml
 from hcc_fl.shared.errors import DataError
 from hcc_fl.shared.tasks import TASKS
 
@@ -77,14 +76,7 @@ def load_pull_target(path: str | Path) -> PullTarget:
     """``site``, ``task`` and ``manifest`` of SITE.yaml (the coordinator and keys are not
     needed to build the export, so a site can pull before it has them)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError.single(path, "site configuration not found")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError.single(path, f"not valid YAML ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise DataError.single(path, "expected a mapping of keys to values")
+    doc = read_site_yaml(path)
     for key in ("site", "task", "manifest"):
         if doc.get(key) in (None, ""):
             raise DataError.single(path, "missing required key", column=key)
@@ -117,13 +109,7 @@ def _secret(raw: dict[str, Any], key: str, path: Path) -> str | None:
 def load_pacs_config(path: str | Path) -> PacsConfig:
     """Read the ``pacs:`` section of ``SITE.yaml``; every problem names the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError.single(path, "site configuration not found")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError.single(path, f"not valid YAML ({exc})") from exc
-    raw = doc.get("pacs") if isinstance(doc, dict) else None
+    raw = read_site_yaml(path).get("pacs")
     if not isinstance(raw, dict):
         raise DataError.single(path, "no 'pacs:' section (see docs/deployment.md)",
                                column="pacs")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -68,12 +69,9 @@ class SiteConfig:
     allowed_roots: tuple[Path, ...] = ()
 
 
-def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
-    """Read ``SITE.yaml``; every problem names the file and the key.
-
-    ``role`` (from ``--role``) overrides the file's role.
-    """
-    path = Path(path)
+def read_site_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in ``SITE.yaml``; a missing file, bad YAML or a non-mapping is a DataError
+    naming the file (every reader of SITE.yaml starts here)."""
     if not path.is_file():
         raise DataError.single(path, "site configuration not found")
     try:
@@ -82,6 +80,16 @@ def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
         raise DataError.single(path, f"not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise DataError.single(path, "expected a mapping of keys to values")
+    return raw
+
+
+def load_site_config(path: str | Path, role: str | None = None) -> SiteConfig:
+    """Read ``SITE.yaml``; every problem names the file and the key.
+
+    ``role`` (from ``--role``) overrides the file's role.
+    """
+    path = Path(path)
+    raw = read_site_yaml(path)
 
     def need(key: str) -> str:
         value = raw.get(key)

@@ -19,6 +19,7 @@ from hcc_fl.client.disclosure import (
     ReleasePolicy,
     check_split,
     confusion_releasable,
+    count_releasable,
     km_steps,
     merge_calibration_bins,
     merge_calibration_sums,
@@ -223,7 +224,7 @@ def apply_policy(out: dict[str, Any], y: F64, prob: F64,
 
 
 def _ok(count: Any, k: int) -> bool:
-    return count is None or count == 0 or count >= k
+    return count is None or count_releasable(count, k)
 
 
 def _policy_calibration(out: dict[str, Any], y: F64, prob: F64, policy: ReleasePolicy

@@ -258,7 +258,8 @@ def check_pass1(m: Mapping[str, Any], n_bins: int, n_declared: int | None) -> di
     cells = None
     if m.get(R.CELL_STARTS) is not None:
         cand = _number(m.get(R.CELL_CANDIDATES), "the cell grid", 1, n_bins)
-        starts = _vector(m.get(R.CELL_STARTS), len(list(m.get(R.CELL_STARTS) or [])),
+        raw = m.get(R.CELL_STARTS)
+        starts = _vector(raw, len(raw) if isinstance(raw, (list, tuple)) else -1,
                          "the cell starts")
         if np.any(starts != np.round(starts)) or cand != math.floor(cand):
             raise ValueError("the cell starts are not whole numbers")

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hcc_fl.shared.metrics.pooled import ScoreGrid
+
 F64 = npt.NDArray[np.float64]
 
 MODES = ("cells", "exact")
@@ -123,8 +125,6 @@ class Cells:
         return np.array([(a + b) / (2 * m) for a, b in zip(self.starts, ends, strict=True)])
 
     def cell_of(self, score: npt.ArrayLike) -> npt.NDArray[np.int64]:
-        from hcc_fl.shared.metrics.pooled import ScoreGrid
-
         # the candidate cell by the exactly rounded edges, as the cells were counted (a score on
         # an edge, 0.29 on the 100-cell grid, belongs to the cell that starts there)
         cand = ScoreGrid(self.n_candidates).index(score)
