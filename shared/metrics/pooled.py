@@ -452,6 +452,8 @@ def pooled_survival(counts: F64, grid: TimeGrid) -> PooledSurvival:
         p = nk[:, j] / nt[j]
         v += w * (np.diag(p) - np.outer(p, p))
     diff = (observed - expected)[:-1]
-    stat = float(diff @ np.linalg.solve(v[:-1, :-1], diff))
+    # A generalised inverse, as lifelines' multivariate_logrank_test (the central reference) uses:
+    # the variance is singular when a group has nobody at risk at any event time.
+    stat = float(diff @ np.linalg.pinv(v[:-1, :-1]) @ diff)
     return PooledSurvival(tuple(float(x) for x in grid.times[event_bins]), tuple(surv), stat,
                           g - 1, float(stats.chi2.sf(stat, g - 1)))
