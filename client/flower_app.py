@@ -749,7 +749,7 @@ def _component_probs(msg: Message, context: Context, site: SiteContext,
 @app.query(R.ACTION_TABULAR)
 @_guarded("tabular")
 def tabular(msg: Message, context: Context) -> Message:
-    """One step of a federated tabular fit (config ``op``: sums, lipschitz or train) for the
+    """One step of a federated tabular fit (config ``op``: sums, newton, lipschitz or train) for the
     models named in config ``keys``; only sums, step bounds and coefficients go back."""
     site = resolve_site(context)
     if site.role != R.ROLE_TRAIN:

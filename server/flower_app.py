@@ -30,6 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from hcc_fl.server.identity import AllowList, SiteGate
+from hcc_fl.server.messages import CountingGrid
 from hcc_fl.server.screen import check_pass1, check_pass2, declared_rows
 from hcc_fl.server.strategy import (
     CHECKPOINT_VERSION,
@@ -585,7 +586,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
     arm_cfg, ssl_on = arm_strategy(cfg, arm)
     training = list(fed["training_sites"])
     external = fed.get("external_site")
-    grid_ = site_gate(grid_, context, training, external)
+    counter = CountingGrid(site_gate(grid_, context, training, external))
+    grid_ = cast(Grid, counter)
 
     sites = discover_sites(grid_, training, external, float(fed["discovery_timeout_s"]))
     names = {nid: str(v["site"]) for nid, v in sites.items()}
@@ -751,6 +753,7 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "ssl": ({"rounds": int(cfg["task"]["ssl"]["rounds"]),
                  "finetune": cfg["task"].get("finetune", "full")} if ssl_on else None),
         "rejections": strategy.rejections,  # type: ignore[attr-defined]
+        "messages": counter.summary(),
     })
     AUDIT.record("run-end", arm=arm, run=int(context.run_id))
     log.info("%s finished: external AUC %s", arm, external_stats and external_stats.get("auc"))

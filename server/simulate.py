@@ -427,7 +427,8 @@ def run_simulation(
     components = _components_block(cfg)
     for arm, res in arm_results.items():
         federated[arm] = {k: res.get(k) for k in ("aggregated_rounds", "resumed_after_round",
-                                                  "train_seconds", "secure_aggregation")}
+                                                  "train_seconds", "secure_aggregation",
+                                                  "messages")}
         _add_arm(external, components, arm, res["external"], res.get("component_thresholds"),
                  res.get("component_validation"), res.get("tabular"))
         validation[arm] = res["validation"]
