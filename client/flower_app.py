@@ -67,6 +67,7 @@ from hcc_fl.client.secagg import (
     site_unmask,
 )
 from hcc_fl.client.statistics import (
+    compare_models,
     recalibration_sums,
     validation_placements_prob,
     validation_sums_prob,
@@ -197,11 +198,12 @@ def _stage(msg: Message) -> str:
     return str(cfg.get("stage", "supervised")) if cfg is not None else "supervised"
 
 
-def _model(msg: Message, context: Context) -> torch.nn.Module:
+def _model(msg: Message, context: Context, name: str = R.ARRAYS) -> torch.nn.Module:
+    """The model in the message's ArrayRecord ``name`` (packed or per tensor)."""
     rc = context.run_config
     build = build_ssl_model if _stage(msg) == "ssl" else build_model
     model = build(str(rc["task"]), str(rc["profile"]))
-    arrays = cast(ArrayRecord, msg.content[R.ARRAYS])
+    arrays = cast(ArrayRecord, msg.content[name])
     if is_packed(arrays.keys()):  # one array per dtype (shared/wire.py)
         state = unpack({k: array_view(v) for k, v in arrays.items()}, layout_of(model.state_dict()))
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
@@ -717,6 +719,25 @@ def external_eval(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(report)})}), reply_to=msg
     )
+
+
+@app.query(R.ACTION_COMPARE)
+@_guarded("external-compare")
+def external_compare(msg: Message, context: Context) -> Message:
+    """Paired DeLong tests between the final models of the arms (ArrayRecords ``model-<i>``,
+    names in config ``arms``) on the external cohort; only the test statistics return."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_EXTERNAL:
+        raise PermissionError(f"site {site.name} is a training site, not the external site")
+    arms = json.loads(str(msg.content[R.CONFIG][R.COMPARE_ARMS]))
+    if (not isinstance(arms, list) or not 2 <= len(arms) <= R.MAX_COMPARED
+            or len(set(map(str, arms))) != len(arms)):
+        raise ValueError(f"external_compare: give 2 to {R.MAX_COMPARED} distinct arm names")
+    models = {str(a): _model(msg, context, f"{R.COMPARE_MODEL}{i}") for i, a in enumerate(arms)}
+    data = _load(site, context, ("test",))
+    out = compare_models(models, data, str(context.run_config["device"]), _policy(context))
+    return Message(RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(out)})}),
+                   reply_to=msg)
 
 
 def _scorer(msg: Message, context: Context, site: SiteContext) -> SiteScorer:

@@ -232,19 +232,42 @@ def _compare_arms(
     in-process; only the resulting statistics enter ``metrics.json``.
     """
     from hcc_fl.client.data import load_site
-    from hcc_fl.client.statistics import external_comparisons
-    from hcc_fl.client.train import predict
+    from hcc_fl.client.statistics import compare_models
     from hcc_fl.shared.models import build_model
 
     task, profile = cfg["task"]["name"], cfg["model"]["profile"]
     ext = cfg["federation"]["external_site"]
     data = load_site(data_root / index["sites"][ext]["manifest"], task, profile, ("test",))
-    probs = {}
+    loaded = {}
     for arm in arms:
         model = build_model(task, profile)
         model.load_state_dict(torch.load(models / f"{arm.replace(':', '-')}.pt"))
-        probs[arm] = predict(model, data, cfg["device"])
-    return external_comparisons(probs, data.label.numpy().astype("float64"))
+        loaded[arm] = model
+    return compare_models(loaded, data, cfg["device"],
+                          ReleasePolicy.from_mapping(cfg.get("disclosure") or {}))
+
+
+def _compare_deployed(cfg: dict[str, Any], work: Path, data_root: Path, link: Any,
+                      arms: list[str], deployment: Deployment) -> list[dict[str, Any]]:
+    """In a deployment, the paired DeLong tests between the arms come from the external site:
+    one more run whose one message carries every arm's final model (``run_compare`` in
+    server/flower_app.py). A failure is logged and leaves the comparisons out."""
+    stage = work / "arms" / ".compare"
+    app_dir = write_app_bundle(work / "app" / ".compare", {
+        **_run_config({**cfg, "insecure": deployment.insecure}, ".compare", work, data_root),
+        R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
+        if deployment.pki is not None and not deployment.insecure else "",
+        R.RC_STAGE: "compare",
+        R.RC_COMPARE: json.dumps({a: str(work / "arms" / a / "model.pt") for a in arms}),
+    })
+    flwr_run(link, app_dir, None, work / "logs" / "flower-compare.log")
+    out = stage / "comparisons.json"
+    if not out.is_file():
+        err = stage / "error.json"
+        log.warning("no comparison of the arms: %s",
+                    json.loads(err.read_text())["error"] if err.is_file() else "failed")
+        return []
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
 def partial_dir(run_dir: Path) -> Path:
@@ -338,6 +361,7 @@ def run_simulation(
     from hcc_fl.server.config import arm_names
 
     arms = arm_names(cfg)
+    deployed_comparisons: list[dict[str, Any]] = []
     if arms:
         t0 = time.monotonic()
         link_cm = (
@@ -394,6 +418,11 @@ def run_simulation(
                                        f"continue it with --resume {final}")
                 arm_results[arm] = json.loads(result_path.read_text())
                 timing[f"{arm}_s"] = time.monotonic() - t_arm
+            if deployment is not None and len(arm_results) > 1:
+                t_cmp = time.monotonic()
+                deployed_comparisons = _compare_deployed(cfg, work, data_root, link,
+                                                         list(arm_results), deployment)
+                timing["comparisons_s"] = time.monotonic() - t_cmp
         timing["federated_total_s"] = time.monotonic() - t0
         shutil.rmtree(work / ".flwr", ignore_errors=True)
 
@@ -448,7 +477,7 @@ def run_simulation(
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
     deep_arms = [a for a in external if "/" not in a]
     comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
-                   if deployment is None else [])
+                   if deployment is None else deployed_comparisons)
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:
