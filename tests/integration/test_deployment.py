@@ -148,16 +148,18 @@ def deployment(small_phantom: Path, tmp_path_factory: pytest.TempPathFactory
             cfg = _site_yaml(work, site, role, phantom / site / "manifest.csv", port,
                              pki / "sites" / site / "ca.crt",
                              pki / "sites" / site / f"{site}.key")
-            clients.append(subprocess.Popen(
-                [script("hcc-fl-client"), "--site-config", str(cfg)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True,
-            ))
+            # a file, not a pipe: a pipe nobody reads until the end fills up (64 KiB) and
+            # blocks the site's processes mid-message
+            with (work / f"{site}.out").open("w") as log:
+                clients.append(subprocess.Popen(
+                    [script("hcc-fl-client"), "--site-config", str(cfg)],
+                    stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                ))
         out, _ = server.communicate(timeout=1200)
         site_out = {}
         for site, proc in zip(SITES, clients, strict=True):
             _stop(proc)
-            site_out[site] = proc.stdout.read() if proc.stdout else ""
+            site_out[site] = (work / f"{site}.out").read_text(errors="replace")
         yield {"work": work, "server_rc": server.returncode, "server_out": out,
                "intruder": intruder, "plaintext": plaintext, "run": work / "runs" / "deploy",
                "phantom": phantom, "site_out": site_out}
