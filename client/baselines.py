@@ -33,6 +33,7 @@ from hcc_fl.client.statistics import (
     pooled_validation,
     pooled_validation_probs,
     recalibrated_report,
+    site_auc,
 )
 from hcc_fl.client.train import TrainConfig, predict, train_one_round
 from hcc_fl.shared.components import (
@@ -62,6 +63,7 @@ class BaselineResult:
     component_thresholds: dict[str, float] = field(default_factory=dict)
     component_validation: dict[str, Any] = field(default_factory=dict)
     tabular: dict[str, Any] = field(default_factory=dict)
+    cross_site: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its AUC
 
 
 def run_baselines(
@@ -130,6 +132,8 @@ def run_baselines(
             if progress:
                 progress(name, epoch, epochs)
         seconds = time.monotonic() - t0
+        # the cross-site matrix: this model on every training site's threshold split
+        cross = {s: site_auc(model, thr_data[s], device) for s in sites}
         try:
             threshold, validation = _validate(
                 model, {s: thr_data[s] for s in members}, grid, device, recalibrate, policy)
@@ -152,6 +156,7 @@ def run_baselines(
         result = BaselineResult(
             name, stats, threshold, validation, history,
             {k: v.detach().cpu() for k, v in model.state_dict().items()}, seconds,
+            cross_site=cross,
         )
         if len(comps.names) > 1:
             _components(result, model, comps, members, manifest, cfg, ext)

@@ -305,6 +305,17 @@ def recalibration_sums(y: F64, prob: F64, coef: tuple[float, float],
     return [float(v) for v in site_recalibration_sums(y, released, coef)]
 
 
+def site_auc(model: nn.Module, data: SiteData, device: str = "cpu") -> dict[str, Any]:
+    """A model's AUC (DeLong CI), n and cases on one site's split: the per-site numbers of
+    pass 1 (:func:`validation_sums_prob`), for the cross-site matrix of the baselines."""
+    y = data.label.numpy().astype(np.float64)
+    out: dict[str, Any] = {"auc": None, "auc_ci": None, "n": len(y), "n_pos": int(y.sum())}
+    if 0 < y.sum() < len(y):
+        r = auc_ci(y, predict(model, data, device))
+        out.update(auc=r.auc, auc_ci=[r.lower, r.upper])
+    return out
+
+
 def compare_models(models: dict[str, nn.Module], data: SiteData, device: str = "cpu",
                    policy: ReleasePolicy = EXACT) -> list[dict[str, Any]]:
     """Paired DeLong tests between the final models of several arms on the external cohort

@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 import matplotlib
+import numpy as np
 from markupsafe import Markup, escape
 
 matplotlib.use("Agg")
@@ -293,6 +294,7 @@ def _build_report(run_dir: Path) -> str:
     parts.extend(_ssl_and_cam_section(metrics))
 
     parts.extend(_transport_section(metrics))
+    parts.extend(_cross_site_section(metrics))
     comps = metrics.get("comparisons") or []
     if comps:
         parts.append(Markup("<h2>Baseline comparison (paired DeLong tests, external site)</h2>"))
@@ -386,6 +388,48 @@ def _build_report(run_dir: Path) -> str:
          for s in metrics.get("sites", [])]))
     return _PAGE.render(run_name=str(metrics["run_name"]), css=Markup(CSS), body=_join(parts),
                         script=_SCRIPT)
+
+
+def _cross_site_plot(cross: dict[str, Any]) -> str | None:
+    """Heat map of the cross-site matrix: AUC of each model (row) on each site (column)."""
+    models, sites = cross["models"], cross["sites"]
+    if not models:
+        return None
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in cross["auc"]])
+    fig, ax = plt.subplots(figsize=(1.2 * len(sites) + 2.5, 0.42 * len(models) + 1.4))
+    im = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(sites)):
+            v = values[i, j]
+            ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                    fontsize=8, color="white" if np.isnan(v) or v < 0.75 else "black")
+    ax.set_xticks(range(len(sites)), [f"{s}\n(external)" if s == cross["external_site"] else s
+                                      for s in sites], fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.set_title("AUC of every model on every site", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _png(fig)
+
+
+def _cross_site_section(metrics: dict[str, Any]) -> list[Markup]:
+    """The cross-site evaluation matrix: a heat map and its table."""
+    cross = metrics.get("cross_site") or {}
+    if not cross.get("models"):
+        return []
+    parts = [Markup("<h2>Cross-site evaluation</h2><p>Each model on every training site's "
+                    "threshold split (each site's own AUC from its summed statistics; a "
+                    "baseline's model scored on every site in the simulation) and on the "
+                    "external site. A row that is high only on its own site is a model that "
+                    "does not transport.</p>")]
+    fig = _plot(_cross_site_plot, cross)
+    if fig:
+        parts.append(_figure(fig, "Cross-site AUC matrix"))
+    parts.append(_table(["model", *cross["sites"]],
+                        [[m, *(_h("{} (n={})", _f(a), _f(n)) if a is not None else "-"
+                               for a, n in zip(row, nrow, strict=True))]
+                         for m, row, nrow in zip(cross["models"], cross["auc"], cross["n"],
+                                                 strict=True)]))
+    return parts
 
 
 def _messages_section(metrics: dict[str, Any]) -> list[Markup]:

@@ -32,7 +32,7 @@ from hcc_fl.server.flower_runtime import (
 from hcc_fl.shared import records as R
 from hcc_fl.shared.disclosure import ReleasePolicy
 from hcc_fl.shared.errors import DataError
-from hcc_fl.shared.evaluation import internal_vs_external
+from hcc_fl.shared.evaluation import cross_site_matrix, internal_vs_external
 from hcc_fl.shared.jsonio import clean, write_json
 from hcc_fl.shared.tasks import get_task
 from hcc_fl.shared.version import code_version
@@ -497,6 +497,9 @@ def run_simulation(
         ),
         "external": external,
         "comparisons": comparisons,
+        "cross_site": cross_site_matrix(
+            deep_arms, list(fed["training_sites"]), str(fed["external_site"]), validation,
+            {b.name: b.cross_site for b in baselines}, external),
         "internal_vs_external": {arm: internal_vs_external(validation.get(arm), external[arm])
                                  for arm in deep_arms},
         "components": components,

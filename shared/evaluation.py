@@ -202,3 +202,33 @@ def recalibrate_pooled(
         out["reason"] = "slope <= 0: recalibration would invert the ranking"
     block["pooled"]["recalibration"] = out
     return fit if fit.usable() else None
+
+
+def cross_site_matrix(models: list[str], training: list[str], external_site: str,
+                      validation: dict[str, Any], cross: dict[str, dict[str, Any]],
+                      external: dict[str, Any]) -> dict[str, Any]:
+    """The cross-site evaluation matrix: every model (row) on every training site's threshold
+    split and on the external site (columns), AUC and n per cell.
+
+    A federated arm's cells come from its pooled validation (each site's own AUC in pass 1,
+    ``validation[model]["per_site"]``), a baseline's from ``cross[model]`` (its model on every
+    site's split, in-process); the external column is ``external[model]["auc"]``. A cell no
+    source covers (a site that refused or dropped out) is None.
+    """
+    sites = [*training, external_site]
+    auc: list[list[float | None]] = []
+    n: list[list[int | None]] = []
+    for m in models:
+        per_site = {**((validation.get(m) or {}).get("per_site") or {}), **cross.get(m, {})}
+        row_auc, row_n = [], []
+        for s in training:
+            v = per_site.get(s) or {}
+            row_auc.append(v.get("auc"))
+            row_n.append(v.get("n"))
+        e = external.get(m) or {}
+        row_auc.append(e.get("auc"))
+        row_n.append(e.get("n"))
+        auc.append(row_auc)
+        n.append(row_n)
+    return {"models": list(models), "sites": sites, "external_site": external_site,
+            "auc": auc, "n": n}

@@ -72,6 +72,30 @@ def test_metrics_schema_and_external_auc(demo_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_cross_site_matrix(demo_run: Path) -> None:
+    """Issue 21: every model (federated arms, centralized, each single-site model) on every
+    training site's threshold split and on the external site, in metrics.json and the report."""
+    m = json.loads((demo_run / "metrics.json").read_text())
+    cross = m["cross_site"]
+    assert cross["models"] == ARMS
+    assert cross["sites"] == ["site_A", "site_B", "site_C", "site_EXT"]
+    for i, arm in enumerate(ARMS):
+        row = cross["auc"][i]
+        assert row[-1] == m["external"][arm]["auc"] and cross["n"][i][-1] == 40
+        own = m["validation"][arm]["per_site"]
+        for j, site in enumerate(cross["sites"][:-1]):
+            if site in own:  # the site's own pass-1 AUC, or the same model scored in-process
+                assert row[j] == pytest.approx(own[site]["auc"], abs=1e-12), (arm, site)
+            assert row[j] is None or 0 <= row[j] <= 1
+            assert cross["n"][i][j] == m["validation"]["fedavg"]["per_site"][site]["n"]
+    # a single-site model is scored on the other sites too (the off-diagonal of the matrix)
+    local_a = cross["auc"][ARMS.index("local:site_A")]
+    assert sum(v is not None for v in local_a) == 4
+    html = (demo_run / "report.html").read_text()
+    assert "Cross-site evaluation" in html and "Cross-site AUC matrix" in html
+
+
+@pytest.mark.slow
 def test_recalibration_and_internal_vs_external(demo_run: Path) -> None:
     """Issue 14: the federated recalibration ran as Newton messages to the training sites, the
     external site reported the recalibrated probabilities (same ranks), the unpaired DeLong test
