@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hcc_fl.server.config import ConfigError, to_yaml
+from hcc_fl.server.config import ConfigError, arm_strategy, to_yaml
 from hcc_fl.server.flower_runtime import (
     Deployment,
     deployment_superlink,
@@ -64,6 +64,9 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
     return {"auc": values, "n": int(v.size), "mean": float(v.mean()),
             "sd": float(v.std(ddof=1)) if v.size > 1 else None,
             "min": float(v.min()), "max": float(v.max())}
+
+
+SITE_STATS = "+external-stats"  # metrics.json: FedBN with the external site's own statistics
 
 
 def _add_arm(external: dict[str, Any], block: dict[str, Any], arm: str, stats: dict[str, Any],
@@ -174,6 +177,7 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
         **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
+        R.RC_FEDBN: int(arm_strategy(cfg, arm)[0].get("name") == "fedbn"),
     }
 
 
@@ -239,10 +243,16 @@ def _compare_arms(
     task, profile = cfg["task"]["name"], cfg["model"]["profile"]
     ext = cfg["federation"]["external_site"]
     data = load_site(data_root / index["sites"][ext]["manifest"], task, profile, ("test",))
+    from hcc_fl.shared.normstate import recompute_statistics
+
     probs = {}
     for arm in arms:
         model = build_model(task, profile)
-        model.load_state_dict(torch.load(models / f"{arm.replace(':', '-')}.pt"))
+        base = arm.removesuffix(SITE_STATS)
+        model.load_state_dict(torch.load(models / f"{base.replace(':', '-')}.pt"))
+        if arm != base:  # the external site's test-time statistics, as it computes them
+            recompute_statistics(model, ((data.video[i:i + 16], data.clinical[i:i + 16])
+                                         for i in range(0, len(data), 16)))
         probs[arm] = predict(model, data, cfg["device"])
     return external_comparisons(probs, data.label.numpy().astype("float64"))
 
@@ -431,6 +441,13 @@ def run_simulation(
         _add_arm(external, components, arm, res["external"], res.get("component_thresholds"),
                  res.get("component_validation"), res.get("tabular"))
         validation[arm] = res["validation"]
+        if res.get("external_site_statistics"):  # FedBN + external (test-time) statistics
+            _add_arm(external, components, arm + SITE_STATS, res["external_site_statistics"],
+                     res.get("component_thresholds"), res.get("component_validation"),
+                     res.get("tabular"))
+            validation[arm + SITE_STATS] = res["validation"]
+        if res.get("fedbn"):
+            federated[arm]["fedbn"] = res["fedbn"]
         history.extend(res["history"])
         rejections.extend(res["rejections"])
         sites = res["sites"]
