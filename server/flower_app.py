@@ -499,7 +499,7 @@ def fedbn_averaged(grid_: Grid, strategy: Any, final: ArrayRecord, timeout: floa
         raise FederationError("FedBN: no training site sent a usable normalisation state")
     mean = average_norm_states(states, weights, float(strategy.max_site_weight))
     state = final.to_torch_state_dict()
-    state.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in mean.items()})
+    state.update({k: torch.from_numpy(np.array(v, order="C")) for k, v in mean.items()})
     out = ArrayRecord(state)
     return out, {"local_entries": len(keys), "sites": used, "refused": refused}
 

@@ -778,7 +778,7 @@ class SiteAwareMixin:
             return new
         state = unpack({k: array_view(v) for k, v in new.items()},
                        layout_of({k: array_view(v) for k, v in template.items()}))
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()})
 
     def _server_step(self, current: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
         """The new global model: the aggregate itself, or the server optimiser's step with it."""
@@ -786,7 +786,7 @@ class SiteAwareMixin:
             return aggregate
         out = self.server_opt.step({k: array_view(v) for k, v in current.items()},
                                    {k: array_view(v) for k, v in aggregate.items()})
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in out.items()})
 
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
