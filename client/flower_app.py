@@ -247,6 +247,9 @@ def _own_norm_state(msg: Message, context: Context, model: torch.nn.Module,
     own = _norm_store(context, resolve_site(context)).latest(
         before=rnd if training and rnd > 0 else None)
     if own is None and R.NORM_INIT in msg.content.array_records:
+        if training and rnd > 1:  # e.g. a site that missed round 1, or lost its state folder
+            log.warning("FedBN: no normalisation state of this site before round %d; starting "
+                        "from the arm's initial one", rnd)
         own = cast(ArrayRecord, msg.content[R.NORM_INIT]).to_torch_state_dict()
     if own is None and all(k in received for k in keys):
         own = {k: received[k] for k in keys}
