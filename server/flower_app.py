@@ -470,8 +470,12 @@ def fedbn_averaged(grid_: Grid, strategy: Any, final: ArrayRecord, timeout: floa
     replies = _query(grid_, nodes, R.ACTION_NORM_STATE,
                      RecordDict({R.CONFIG: ConfigRecord({"keys": len(keys)})}), timeout)
     states, weights, used, refused = [], [], [], []
-    for r in sorted(replies, key=lambda m: NAMES.get(m.metadata.src_node_id, "")):
+    for r in sorted(replies, key=lambda m: strategy.site_names.get(m.metadata.src_node_id, "")):
         site = strategy.site_names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        if r.metadata.src_node_id not in nodes:
+            refused.append({"site": site, "reason": "reply from a node that is not a training "
+                                                    "site"})
+            continue
         if r.has_error():
             refused.append({"site": site, "reason": f"site error: {_reason(r)}"})
             continue
