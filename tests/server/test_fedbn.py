@@ -1,24 +1,35 @@
 """FedBN at the coordinator: round messages and replies without the normalisation layers, the
 rest aggregated exactly as FedAvg, the averaged normalisation state of the end, the arm's
-configuration."""
+configuration; and the site's side of a round message (the ClientApp's own functions)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
+from hcc_fl.client import flower_app as client_app
 from hcc_fl.client.flower_app import _received_keys
 from hcc_fl.server import flower_app as server_app
 from hcc_fl.server.config import ConfigError, check_config, compose_config
 from hcc_fl.server.fedbn import average_norm_states, check_norm_reply
 from hcc_fl.server.strategy import HccFedBN, build_strategy
 from hcc_fl.shared import records as R
+from hcc_fl.shared.models import build_model
 from hcc_fl.shared.normstate import norm_keys
 from hcc_fl.shared.wire import array_view, is_packed, layout_of, pack, unpack
 
@@ -224,3 +235,51 @@ def test_fedbn_configuration() -> None:
         check_config(compose_config(["strategy=fedbn", "secure_aggregation.enabled=true"]))
     with pytest.raises(ConfigError, match="fedbn"):
         check_config(compose_config(["strategy=fedbn", "privacy=central-dp"]))
+
+
+def _site_context(state: Path, role: str = R.ROLE_TRAIN, fedbn: int = 1) -> Context:
+    return Context(run_id=1, node_id=11, node_config={
+        "manifest": str(state / "manifest.csv"), "site": "site_A", "role": role,
+        "state": str(state)}, state=RecordDict(), run_config={
+        "task": "ki67_ceus", "profile": "tiny", "run-key": "study-1/fedbn", R.RC_FEDBN: fedbn})
+
+
+def _round_message(global_state: dict[str, torch.Tensor], local: list[str], rnd: int,
+                   with_init: bool = True) -> Message:
+    shared = {k: v.numpy() for k, v in global_state.items() if k not in set(local)}
+    content = RecordDict({R.ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                                 pack(shared, "fp32").items()}),
+                          R.CONFIG: ConfigRecord({"server-round": rnd})})
+    if with_init:
+        content[R.NORM_INIT] = ArrayRecord({k: global_state[k] for k in local})
+    return Message(content, dst_node_id=11, message_type="train")
+
+
+def test_the_site_overlays_its_own_state_and_replies_without_it(tmp_path: Path) -> None:
+    """The ClientApp's own functions: a packed record without the normalisation entries; the
+    site's state of the round before (a repeated round after a resume starts alike), else
+    norm-init; the reply carries exactly the received entries."""
+    torch.manual_seed(3)
+    model = build_model("ki67_ceus", "tiny")
+    glob = {k: v + 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    local = norm_keys(model)
+    ctx = _site_context(tmp_path)
+    first = client_app._model(_round_message(glob, local, 1), ctx, training=True)
+    for k, v in first.state_dict().items():  # round 1: the global entries and norm-init
+        assert torch.equal(v, glob[k]), k
+    store = client_app._norm_store(ctx, client_app.resolve_site(ctx))
+    assert store.folder == tmp_path / "fedbn" / "study-1__fedbn"
+    for r in (1, 2):
+        store.save(r, {k: glob[k] + 10 * r for k in local})
+    msg = _round_message(glob, local, 2)
+    again = client_app._model(msg, ctx, training=True).state_dict()
+    for k in local:  # round 2 (again, after a resume) starts from round 1's own state
+        assert torch.equal(again[k], glob[k] + 10), k
+    evaluated = client_app._model(msg, ctx).state_dict()
+    assert all(torch.equal(evaluated[k], glob[k] + 20) for k in local)  # newest for the rest
+    reply = client_app._reply_arrays(msg, first)
+    assert set(reply.keys()) == set(msg.content[R.ARRAYS].keys())
+    # the external site (and any non-FedBN run) takes the model as sent: it must be complete
+    for other in (_site_context(tmp_path, role=R.ROLE_EXTERNAL), _site_context(tmp_path, fedbn=0)):
+        with pytest.raises(RuntimeError, match="Missing key"):
+            client_app._model(msg, other)
