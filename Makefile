@@ -22,7 +22,7 @@ help:
 	@echo "make demo [TASK=ki67_ceus]  set up .venv, generate the phantom, run the federated experiment (TASK: ki67_ceus, tace_ceus, er_ceus)"
 	@echo "make test                   set up .venv, run ruff, mypy and pytest"
 	@echo "make demo-dp                the demo with local DP-SGD at epsilon 8 per site"
-	@echo "make deploy-demo            a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
+	@echo "make deploy-demo [TASK=..]   a TLS deployment on 127.0.0.1: coordinator + 4 sites, 2 rounds"
 	@echo "make docker-test            build both images with podman, run coordinator + 4 sites in containers, compare"
 	@echo "make bench                  the benchmarks of bench/README.md on CPU (~1 h), then its tables"
 
@@ -52,7 +52,7 @@ demo-dp: install $(DATA)/manifest_index.json
 
 # A real deployment on 127.0.0.1 (coordinator + 4 site processes, TLS, 2 rounds) to watch.
 deploy-demo: install system-deps $(DATA)/manifest_index.json
-	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2
+	$(BIN)/python -m hcc_fl.server.deploy_demo --data $(DATA) --runs runs --rounds 2 --task $(TASK) --name deploy-demo-$(TASK)
 
 # The benchmarks (bench/README.md): JSON in bench/results/, then the README tables rebuilt.
 BENCHES ?= aggregation wire overhead scale parity pacs_pull

@@ -38,11 +38,13 @@ from hcc_fl.shared.components import (
 )
 from hcc_fl.shared.metrics import auc_ci
 from hcc_fl.shared.metrics.recalibration import Recalibration
+from hcc_fl.shared.newton import centred_sums
 from hcc_fl.shared.tabular import (
     Penalty,
     feature_sums,
     lipschitz_bound,
     local_train,
+    newton_logistic_sums,
     predict_proba,
 )
 
@@ -192,7 +194,10 @@ def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
     """One step of the federated tabular fit on the training rows ``rows[key] = (X, y, names)``.
 
     ``op``: ``sums`` (per-feature count, sum and sum of squares, shifted by
-    ``options["shift"][key]`` when given), ``lipschitz`` (the step bound on the standardised
+    ``options["shift"][key]`` when given; with ``options["centre"] == "own"`` centred on this
+    site's own mean and with the number of positive outcomes), ``newton`` (gradient, Hessian,
+    log-loss sum and n of the standardised rows at the bundle's model:
+    :mod:`hcc_fl.shared.newton`), ``lipschitz`` (the step bound on the standardised
     features) or ``train`` (``options["epochs"]`` full-batch proximal-gradient epochs from the
     global model with FedProx ``options["proximal_mu"]``; the L1 share is left to the
     coordinator, which soft-thresholds the average). Returns ``{key: result}``.
@@ -201,6 +206,9 @@ def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
     shifts = options.get("shift") or {}
     mu = float(options.get("proximal_mu", 0.0))
     for k, (X, y, names) in rows.items():
+        if op == "sums" and options.get("centre") == "own":
+            out[k] = {**centred_sums(X, names).to_dict(), "positives": int(np.sum(y == 1))}
+            continue
         if op == "sums":
             out[k] = feature_sums(X, names, shifts.get(k)).to_dict()
             continue
@@ -212,7 +220,12 @@ def tabular_step(rows: dict[str, tuple[F64, F64, tuple[str, ...]]],
         # The sites train the smooth part: the L2 share of an elastic net, nothing for pure L1.
         smooth = cast(Penalty, "l2" if spec.penalty == "l1" else spec.penalty)
         alpha = 0.0 if spec.penalty == "l1" else spec.alpha
-        if op == "lipschitz":
+        if op == "newton":
+            if state.model is None:
+                raise ValueError(f"{k}: no model sent")
+            g, H, loss, n = newton_logistic_sums(state.model, Z, y)
+            out[k] = {"gradient": g.tolist(), "hessian": H.tolist(), "loss": loss, "n": n}
+        elif op == "lipschitz":
             out[k] = lipschitz_bound(Z, smooth, alpha, spec.l1_ratio, mu)
         elif op == "train":
             if state.model is None:

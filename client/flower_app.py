@@ -67,6 +67,7 @@ from hcc_fl.client.secagg import (
     site_unmask,
 )
 from hcc_fl.client.statistics import (
+    compare_models,
     recalibration_sums,
     validation_placements_prob,
     validation_sums_prob,
@@ -259,13 +260,15 @@ def _own_norm_state(msg: Message, context: Context, model: torch.nn.Module,
     return {k: own[k] for k in keys}
 
 
-def _model(msg: Message, context: Context, training: bool = False) -> torch.nn.Module:
-    """The model the message carries; at a FedBN training site with this site's own
-    normalisation state in place of whatever the message holds for it."""
+def _model(msg: Message, context: Context, name: str = R.ARRAYS, training: bool = False
+           ) -> torch.nn.Module:
+    """The model in the message's ArrayRecord ``name`` (packed or per tensor); at a FedBN
+    training site with this site's own normalisation state in place of whatever the message
+    holds for it."""
     rc = context.run_config
     build = build_ssl_model if _stage(msg) == "ssl" else build_model
     model = build(str(rc["task"]), str(rc["profile"]))
-    arrays = cast(ArrayRecord, msg.content[R.ARRAYS])
+    arrays = cast(ArrayRecord, msg.content[name])
     state: dict[str, torch.Tensor]
     if is_packed(arrays.keys()):  # one array per dtype (shared/wire.py)
         template = model.state_dict()
@@ -847,6 +850,28 @@ def norm_state(msg: Message, context: Context) -> Message:
                                R.METRICS: MetricRecord({R.NUM_EXAMPLES: n})}), reply_to=msg)
 
 
+@app.query(R.ACTION_COMPARE)
+@_guarded("external-compare")
+def external_compare(msg: Message, context: Context) -> Message:
+    """Paired DeLong tests between the final models of the arms (ArrayRecords ``model-<i>``,
+    names in config ``arms``) on the external cohort; only the test statistics return."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_EXTERNAL:
+        raise PermissionError(f"site {site.name} is a training site, not the external site")
+    arms = json.loads(str(msg.content[R.CONFIG][R.COMPARE_ARMS]))
+    if (not isinstance(arms, list) or not 2 <= len(arms) <= R.MAX_COMPARED
+            or len(set(map(str, arms))) != len(arms)):
+        raise ValueError(f"external_compare: give 2 to {R.MAX_COMPARED} distinct arm names")
+    models = {str(a): _model(msg, context, f"{R.COMPARE_MODEL}{i}") for i, a in enumerate(arms)}
+    data = _load(site, context, ("test",))
+    for arm in json.loads(str(msg.content[R.CONFIG].get(R.NORM_STATISTICS, "[]"))):
+        if str(arm) in models:  # FedBN + external statistics: this site's own, as in external_eval
+            _test_time_statistics(models[str(arm)], data, str(context.run_config["device"]))
+    out = compare_models(models, data, str(context.run_config["device"]), _policy(context))
+    return Message(RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(out)})}),
+                   reply_to=msg)
+
+
 def _scorer(msg: Message, context: Context, site: SiteContext) -> SiteScorer:
     """The task's components as the coordinator sent them: the deep model's weights (when in
     the message), the tabular/stacked models (config ``bundle``) and the component layout
@@ -877,7 +902,7 @@ def _component_probs(msg: Message, context: Context, site: SiteContext,
 @app.query(R.ACTION_TABULAR)
 @_guarded("tabular")
 def tabular(msg: Message, context: Context) -> Message:
-    """One step of a federated tabular fit (config ``op``: sums, lipschitz or train) for the
+    """One step of a federated tabular fit (config ``op``: sums, newton, lipschitz or train) for the
     models named in config ``keys``; only sums, step bounds and coefficients go back."""
     site = resolve_site(context)
     if site.role != R.ROLE_TRAIN:

@@ -305,6 +305,15 @@ def recalibration_sums(y: F64, prob: F64, coef: tuple[float, float],
     return [float(v) for v in site_recalibration_sums(y, released, coef)]
 
 
+def compare_models(models: dict[str, nn.Module], data: SiteData, device: str = "cpu",
+                   policy: ReleasePolicy = EXACT) -> list[dict[str, Any]]:
+    """Paired DeLong tests between the final models of several arms on the external cohort
+    (the site's part of ``external_compare``; the simulation calls it in-process)."""
+    y = data.label.numpy().astype(np.float64)
+    check_split(y, policy, "comparison of the arms")
+    return external_comparisons({arm: predict(m, data, device) for arm, m in models.items()}, y)
+
+
 def external_comparisons(
     probs: dict[str, F64], y: F64
 ) -> list[dict[str, Any]]:

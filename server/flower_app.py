@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from hcc_fl.server.fedbn import average_norm_states, check_norm_reply
 from hcc_fl.server.identity import AllowList, SiteGate
+from hcc_fl.server.messages import CountingGrid
 from hcc_fl.server.screen import check_pass1, check_pass2, declared_rows
 from hcc_fl.server.strategy import (
     CHECKPOINT_VERSION,
@@ -594,6 +595,9 @@ def tabular_asker(
 @app.main()
 def main(grid_: Grid, context: Context) -> None:
     """Run one federated arm; a failure is also written as ``error.json`` for the driver."""
+    if str(context.run_config.get(R.RC_STAGE, "")) == "compare":
+        run_compare(grid_, context)
+        return
     arm_dir = Path(str(context.run_config["arm-dir"]))
     try:
         run_arm(grid_, context)
@@ -602,6 +606,44 @@ def main(grid_: Grid, context: Context) -> None:
         write_json(arm_dir / "error.json", {"error": str(exc)})
         log.error("%s", exc)
         raise
+
+
+def run_compare(grid_: Grid, context: Context) -> None:
+    """The comparison stage of a deployment: one ``external_compare`` message carries every
+    arm's final model (``compare`` in the run config: JSON arm -> model file) to the external
+    site, whose paired DeLong tests go to ``<arm-dir>/comparisons.json`` (``error.json`` when
+    the site refused or did not answer)."""
+    global AUDIT
+    rc = context.run_config
+    cfg = json.loads(Path(str(rc["config-path"])).read_text())
+    out_dir = Path(str(rc["arm-dir"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    AUDIT = AuditLog(str(rc.get("audit-path", "")) or None, "coordinator")
+    fed = cfg["federation"]
+    training, external = list(fed["training_sites"]), fed.get("external_site")
+    grid_ = site_gate(grid_, context, training, external)
+    try:
+        sites = discover_sites(grid_, training, external, float(fed["discovery_timeout_s"]))
+        ext = [nid for nid, v in sites.items() if v["site"] == external]
+        if not ext:
+            raise FederationError(f"the external site {external} did not connect: no "
+                                  "comparison of the arms")
+        models: dict[str, str] = json.loads(str(rc[R.RC_COMPARE]))
+        content = RecordDict({R.CONFIG: ConfigRecord({
+            R.COMPARE_ARMS: json.dumps(list(models)),
+            R.NORM_STATISTICS: json.dumps([a for a in models if a.endswith(R.SITE_STATS)])})})
+        for i, path in enumerate(models.values()):
+            content[f"{R.COMPARE_MODEL}{i}"] = ArrayRecord(torch.load(path, weights_only=True))
+        replies = _query(grid_, ext[:1], R.ACTION_COMPARE, content,
+                         float(fed["round_timeout_s"]))
+        if not replies or replies[0].has_error():
+            raise FederationError("the external site did not compare the arms: " + (
+                str(replies[0].error.reason) if replies else "no reply"))
+        write_json(out_dir / "comparisons.json",
+                   json.loads(str(replies[0].content[R.INFO][R.REPORT])))
+    except FederationError as exc:
+        write_json(out_dir / "error.json", {"error": str(exc)})
+        log.error("%s", exc)
 
 
 def validation_rows(sizes: dict[str, dict[str, Any]], splits: tuple[str, ...]
@@ -644,7 +686,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
     arm_cfg, ssl_on = arm_strategy(cfg, arm)
     training = list(fed["training_sites"])
     external = fed.get("external_site")
-    grid_ = site_gate(grid_, context, training, external)
+    counter = CountingGrid(site_gate(grid_, context, training, external))
+    grid_ = cast(Grid, counter)
 
     sites = discover_sites(grid_, training, external, float(fed["discovery_timeout_s"]))
     names = {nid: str(v["site"]) for nid, v in sites.items()}
@@ -820,6 +863,7 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "ssl": ({"rounds": int(cfg["task"]["ssl"]["rounds"]),
                  "finetune": cfg["task"].get("finetune", "full")} if ssl_on else None),
         "rejections": strategy.rejections,  # type: ignore[attr-defined]
+        "messages": counter.summary(),
     })
     AUDIT.record("run-end", arm=arm, run=int(context.run_id))
     log.info("%s finished: external AUC %s", arm, external_stats and external_stats.get("auc"))

@@ -359,6 +359,8 @@ def _build_report(run_dir: Path) -> str:
         parts.append(_figure(tp, "Per-round (federated) or per-epoch (baselines) training loss "
                                  "and validation AUC per site"))
 
+    parts.extend(_messages_section(metrics))
+
     fed = cfg["federation"]
     arms_desc = ", ".join(
         f"{a['name']}" + (f" (mu={a['proximal_mu']})" if a.get("proximal_mu") else "")
@@ -385,6 +387,24 @@ def _build_report(run_dir: Path) -> str:
          for s in metrics.get("sites", [])]))
     return _PAGE.render(run_name=str(metrics["run_name"]), css=Markup(CSS), body=_join(parts),
                         script=_SCRIPT)
+
+
+def _messages_section(metrics: dict[str, Any]) -> list[Markup]:
+    """Messages each federated arm sent, by kind, and the wall time spent waiting for them."""
+    rows = []
+    for arm, f in (metrics.get("federated") or {}).items():
+        for kind, m in ((f or {}).get("messages") or {}).items():
+            rows.append([arm, Markup("<b>total</b>") if kind == "total" else kind,
+                         _f(m.get("exchanges")), _f(m.get("messages")), _f(m.get("replies")),
+                         _f(m.get("errors")), _f(m.get("wait_s"), 1)])
+    if not rows:
+        return []
+    return [Markup("<h2>Messages</h2><p>What each federated arm sent to the sites: every "
+                   "exchange is one message per site and costs seconds in a deployment (a fresh "
+                   "process per message at the site, Flower's pull intervals on both "
+                   "sides).</p>"),
+            _table(["arm", "kind", "exchanges", "messages", "replies", "error replies",
+                    "wait (s)"], rows)]
 
 
 def _aggregation_text(fed: dict[str, Any]) -> str:
@@ -573,12 +593,16 @@ def _components_section(metrics: dict[str, Any]) -> list[Markup]:
             shown = _join((_h("{} ({})", x["feature"], _signed(x["coef"])) for x in sel[:12]),
                           ", ")
             more = f" and {len(sel) - 12} more" if len(sel) > 12 else ""
+            fit = t.get("fit") or {}
+            how = (_h("{}, {} messages{}", fit.get("solver"), _f(fit.get("messages")),
+                      "" if fit.get("converged", True) else ", NOT converged")
+                   if fit else "")
             rows.append([k.split("@")[0], t["spec"]["penalty"],
                          _f(t["spec"]["alpha"], 3), _h("{} / {}", len(sel),
                                                        _f(t.get("n_features"))),
-                         shown + more])
-        parts.append(_table(["model", "penalty", "alpha", "selected", "largest coefficients "
-                             "(standardised)"], rows))
+                         how, shown + more])
+        parts.append(_table(["model", "penalty", "alpha", "selected", "fit",
+                             "largest coefficients (standardised)"], rows))
     return parts
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hcc_fl.server.config import ConfigError, arm_strategy, to_yaml
+from hcc_fl.server.config import NO_SSL, ConfigError, to_yaml
 from hcc_fl.server.flower_runtime import (
     Deployment,
     deployment_superlink,
@@ -66,7 +67,7 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
             "min": float(v.min()), "max": float(v.max())}
 
 
-SITE_STATS = "+external-stats"  # metrics.json: FedBN with the external site's own statistics
+SITE_STATS = R.SITE_STATS
 
 
 def _add_arm(external: dict[str, Any], block: dict[str, Any], arm: str, stats: dict[str, Any],
@@ -177,7 +178,7 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
         **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
-        R.RC_FEDBN: int(arm_strategy(cfg, arm)[0].get("name") == "fedbn"),
+        R.RC_FEDBN: int(arm.removesuffix(NO_SSL) == "fedbn"),
     }
 
 
@@ -236,8 +237,7 @@ def _compare_arms(
     in-process; only the resulting statistics enter ``metrics.json``.
     """
     from hcc_fl.client.data import load_site
-    from hcc_fl.client.statistics import external_comparisons
-    from hcc_fl.client.train import predict
+    from hcc_fl.client.statistics import compare_models
     from hcc_fl.shared.models import build_model
 
     task, profile = cfg["task"]["name"], cfg["model"]["profile"]
@@ -245,7 +245,7 @@ def _compare_arms(
     data = load_site(data_root / index["sites"][ext]["manifest"], task, profile, ("test",))
     from hcc_fl.shared.normstate import recompute_statistics
 
-    probs = {}
+    loaded = {}
     for arm in arms:
         model = build_model(task, profile)
         base = arm.removesuffix(SITE_STATS)
@@ -253,8 +253,40 @@ def _compare_arms(
         if arm != base:  # the external site's test-time statistics, as it computes them
             recompute_statistics(model, ((data.video[i:i + 16], data.clinical[i:i + 16])
                                          for i in range(0, len(data), 16)))
-        probs[arm] = predict(model, data, cfg["device"])
-    return external_comparisons(probs, data.label.numpy().astype("float64"))
+        loaded[arm] = model
+    return compare_models(loaded, data, cfg["device"],
+                          ReleasePolicy.from_mapping(cfg.get("disclosure") or {}))
+
+
+def _compare_deployed(cfg: dict[str, Any], work: Path, data_root: Path, link: Any,
+                      arms: list[str], deployment: Deployment, site_stats: Iterable[str] = ()
+                      ) -> list[dict[str, Any]]:
+    """In a deployment, the paired DeLong tests between the arms come from the external site:
+    one more run whose one message carries every arm's final model (``run_compare`` in
+    server/flower_app.py); each FedBN arm in ``site_stats`` also as ``<arm>+external-stats``,
+    scored after the site's own test-time statistics. A failure is logged and leaves the
+    comparisons out."""
+    files: dict[str, str] = {}
+    for a in arms:
+        files[a] = str(work / "arms" / a / "model.pt")
+        if a in set(site_stats):
+            files[a + SITE_STATS] = files[a]
+    stage = work / "arms" / ".compare"
+    app_dir = write_app_bundle(work / "app" / ".compare", {
+        **_run_config({**cfg, "insecure": deployment.insecure}, ".compare", work, data_root),
+        R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
+        if deployment.pki is not None and not deployment.insecure else "",
+        R.RC_STAGE: "compare",
+        R.RC_COMPARE: json.dumps(files),
+    })
+    flwr_run(link, app_dir, None, work / "logs" / "flower-compare.log")
+    out = stage / "comparisons.json"
+    if not out.is_file():
+        err = stage / "error.json"
+        log.warning("no comparison of the arms: %s",
+                    json.loads(err.read_text())["error"] if err.is_file() else "failed")
+        return []
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
 def partial_dir(run_dir: Path) -> Path:
@@ -348,6 +380,7 @@ def run_simulation(
     from hcc_fl.server.config import arm_names
 
     arms = arm_names(cfg)
+    deployed_comparisons: list[dict[str, Any]] = []
     if arms:
         t0 = time.monotonic()
         link_cm = (
@@ -404,6 +437,12 @@ def run_simulation(
                                        f"continue it with --resume {final}")
                 arm_results[arm] = json.loads(result_path.read_text())
                 timing[f"{arm}_s"] = time.monotonic() - t_arm
+            if deployment is not None and len(arm_results) > 1:
+                t_cmp = time.monotonic()
+                deployed_comparisons = _compare_deployed(
+                    cfg, work, data_root, link, list(arm_results), deployment,
+                    [a for a, r in arm_results.items() if r.get("external_site_statistics")])
+                timing["comparisons_s"] = time.monotonic() - t_cmp
         timing["federated_total_s"] = time.monotonic() - t0
         shutil.rmtree(work / ".flwr", ignore_errors=True)
 
@@ -437,7 +476,8 @@ def run_simulation(
     components = _components_block(cfg)
     for arm, res in arm_results.items():
         federated[arm] = {k: res.get(k) for k in ("aggregated_rounds", "resumed_after_round",
-                                                  "train_seconds", "secure_aggregation")}
+                                                  "train_seconds", "secure_aggregation",
+                                                  "messages")}
         _add_arm(external, components, arm, res["external"], res.get("component_thresholds"),
                  res.get("component_validation"), res.get("tabular"))
         validation[arm] = res["validation"]
@@ -464,7 +504,7 @@ def run_simulation(
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
     deep_arms = [a for a in external if "/" not in a]
     comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
-                   if deployment is None else [])
+                   if deployment is None else deployed_comparisons)
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:

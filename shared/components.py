@@ -40,6 +40,7 @@ from hcc_fl.shared.tabular import (
 
 F64 = npt.NDArray[np.float64]
 PENALTIES = ("l1", "l2", "elasticnet")
+SOLVERS = ("newton", "fedavg")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class TaskComponents:
     resplits: int = 0
     cox: tuple[TabularSpec, ...] = ()
     horizon: float = 30.0
+    solver: str = "newton"  # "newton": exact, a handful of messages; "fedavg": rounds x epochs
 
     @property
     def names(self) -> list[str]:
@@ -111,7 +113,11 @@ class TaskComponents:
         out = cls(str(task.get("deep") or task["name"]), tab,
                   TabularSpec.from_dict({**stack, "block": "stack"}) if stack else None,
                   int(task.get("tabular_rounds", 30)), int(task.get("tabular_local_epochs", 5)),
-                  int(task.get("resplits", 0)), cox, float(task.get("cox_horizon", 30.0)))
+                  int(task.get("resplits", 0)), cox, float(task.get("cox_horizon", 30.0)),
+                  str(task.get("tabular_solver", "newton")))
+        if out.solver not in SOLVERS:
+            raise ValueError(f"tabular_solver must be one of {', '.join(SOLVERS)}, "
+                             f"got '{out.solver}'")
         names = out.names
         if len(set(names)) != len(names):
             raise ValueError(f"task components must have distinct names, got {names}")
@@ -182,6 +188,7 @@ class TabularState:
     lr: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
     cox: dict[str, Any] = field(default_factory=dict)  # Cox models: coef, center, h0, horizon
+    fit: dict[str, Any] = field(default_factory=dict)  # how the fit went (solver, messages)
 
     def to_bundle(self) -> dict[str, Any]:
         """What the sites need to score or train it (coefficients and standardisation)."""
@@ -226,10 +233,75 @@ def server_step(state: TabularState, replies: Sequence[tuple[F64, int, float, fl
 Ask = Callable[[str, dict[str, Any], dict[str, TabularState]], list[dict[str, Any]]]
 
 
+def fit_tabular_newton(states: dict[str, TabularState], ask: Ask, max_evals: int = 30,
+                       step_tol: float = 1e-5) -> None:
+    """The coordinator's exact fit of the models of ``states`` (all at once, one message per
+    step): one ``sums`` step (site-centred sums and positives: the pooled standardiser and the
+    starting intercept), then ``newton`` steps until every model's proximal Newton direction is
+    below ``step_tol`` (:mod:`hcc_fl.shared.newton`; that last step is taken without a message,
+    leaving an error of order ``step_tol**2``). Sets each state's ``standardiser``,
+    ``model``, ``history`` (one entry per accepted iterate) and ``fit`` (solver, messages,
+    convergence, rejected replies)."""
+    from hcc_fl.shared.newton import NewtonState, check_reply, combine_centred, pool
+    from hcc_fl.shared.tabular import _check_penalty
+
+    if not states:
+        return
+    first = ask("sums", {"centre": "own"}, states)
+    fits: dict[str, NewtonState] = {}
+    rejected = dict.fromkeys(states, 0)
+    for k, st in states.items():
+        parts: list[FeatureSums] = []
+        positives, rows = 0.0, 0
+        for r in first:
+            try:
+                fs = FeatureSums.from_dict(r[k])
+                pos = float(r[k]["positives"])
+                if not (0 <= pos <= fs.n_rows and np.all(fs.count <= fs.n_rows)
+                        and np.all(fs.count >= 0)):
+                    raise ValueError("counts outside [0, n]")
+                if parts and fs.names != parts[0].names:
+                    raise ValueError("feature names differ")
+            except (KeyError, TypeError, ValueError):
+                rejected[k] += 1
+                continue
+            parts.append(fs)
+            positives += pos
+            rows += fs.n_rows
+        if not parts or rows == 0:
+            raise ValueError(f"{k}: no site sent usable feature sums")
+        st.standardiser = combine_centred(parts)
+        a1, a2 = _check_penalty(st.spec.penalty, st.spec.alpha, st.spec.l1_ratio)
+        fits[k] = NewtonState.start(len(st.standardiser.names), a1, a2, positives / rows)
+    messages = 1
+    while active := [k for k, f in fits.items() if not f.done]:
+        for k in active:
+            states[k].model = LogisticModel.from_vector(fits[k].candidate)
+        replies = ask("newton", {}, {k: states[k] for k in active})
+        messages += 1
+        for k in active:
+            ok = []
+            for r in replies:
+                try:
+                    ok.append(check_reply(r.get(k) or {}, fits[k].p))
+                except ValueError:
+                    rejected[k] += 1
+            if not ok:
+                raise ValueError(f"{k}: no site sent a usable Newton reply")
+            fits[k].update(*pool(ok), step_tol=step_tol, max_evals=max_evals)
+    for k, st in states.items():
+        f = fits[k]
+        st.model = LogisticModel.from_vector(f.theta)
+        st.history = f.history
+        st.fit = {"solver": "newton", "messages": messages, "evaluations": f.evaluations,
+                  "converged": f.converged, "rejected_replies": rejected[k]}
+
+
 def fit_tabular(states: dict[str, TabularState], ask: Ask, rounds: int, epochs: int,
                 proximal_mu: float = 0.0,
                 on_round: Callable[[int, int], None] | None = None) -> None:
-    """The coordinator's loop of a federated tabular fit (all models of ``states`` at once).
+    """The coordinator's FedAvg/FedProx loop of a tabular fit (``tabular_solver: fedavg``;
+    all models of ``states`` at once; :func:`fit_tabular_newton` is the default).
 
     ``ask(op, options, states)`` sends one step to every training site and returns their
     replies (``{key: result}`` each; see ``client.components.tabular_step``):
@@ -259,6 +331,8 @@ def fit_tabular(states: dict[str, TabularState], ask: Ask, rounds: int, epochs: 
                               float(r[k]["loss"]), float(r[k]["steps"])) for r in replies], rnd)
         if on_round:
             on_round(rnd, rounds)
+    for st in states.values():
+        st.fit = {"solver": "fedavg", "messages": 3 + rounds}
 
 
 def fit_components(
@@ -278,11 +352,18 @@ def fit_components(
     n_resplits = comps.resplits if resplits is None else resplits
     states = {key(t.name, r): TabularState(t) for t in comps.tabular
               for r in range(n_resplits + 1)}
-    fit_tabular(states, ask_for({}, False), comps.rounds, comps.local_epochs, proximal_mu)
+
+    def fit(these: dict[str, TabularState], ask: Ask) -> None:
+        if comps.solver == "newton":
+            fit_tabular_newton(these, ask)
+        else:
+            fit_tabular(these, ask, comps.rounds, comps.local_epochs, proximal_mu)
+
+    fit(states, ask_for({}, False))
     if comps.stack is not None:
         base = {k: st for k, st in states.items() if split_key(k)[1] == 0}
         stack = {key(comps.stack.name): TabularState(comps.stack)}
-        fit_tabular(stack, ask_for(base, True), comps.rounds, comps.local_epochs, proximal_mu)
+        fit(stack, ask_for(base, True))
         states.update(stack)
     if comps.cox:
         cox = {key(c.name): TabularState(c) for c in comps.cox}
@@ -358,7 +439,7 @@ def selection_summary(st: TabularState) -> dict[str, Any]:
                          selected_features(st.model, st.standardiser.names)],
             "intercept": st.model.intercept,
             "unmeasured_or_constant": st.standardiser.constant_names,
-            "history": st.history}
+            "history": st.history, "fit": st.fit}
 
 
 def stack_matrix(probs: Mapping[str, F64], inputs: Sequence[str], eps: float = 1e-6) -> F64:

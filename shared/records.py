@@ -18,6 +18,7 @@ ACTION_EXTERNAL = "external_eval"
 ACTION_RECALIBRATION = "recalibration_sums"  # one Newton step of the logistic recalibration
 ACTION_TABULAR = "tabular"  # one step of a federated tabular fit (client/components.py)
 ACTION_NORM_STATE = "norm_state"  # FedBN: a training site's normalisation state, once, at the end
+ACTION_COMPARE = "external_compare"  # paired DeLong tests between the arms' final models
 ACTION_SECAGG_SETUP = "secagg_setup"
 ACTION_SECAGG_SHARE = "secagg_share"
 ACTION_SECAGG_MASKED = "secagg_masked"
@@ -47,7 +48,9 @@ RC_SECAGG_MIN_SITES = "secagg-min-sites"
 
 RC_FEDBN = "fedbn"  # run config: 1 = the arm keeps normalisation layers at each site (FedBN)
 NORM_INIT = "norm-init"  # FedBN: ArrayRecord of the normalisation state a site starts from
-NORM_STATISTICS = "norm-statistics"  # external_eval config: "site" = test-time statistics
+NORM_STATISTICS = "norm-statistics"  # external_eval config: "site" = test-time statistics;
+# external_compare config: JSON list of the arms to score after the site's own statistics
+SITE_STATS = "+external-stats"  # metrics.json: a FedBN arm with the external site's statistics
 RC_ALLOW_LIST = "allow-list"  # run config: the coordinator's <pki>/authorized ("" = no PKI)
 
 ROLE_TRAIN = "train"
@@ -58,3 +61,8 @@ RECALIBRATION = "recalibration"  # external_eval config: JSON of the deep model'
 CELL_STARTS = "cell-starts"  # validation_sums reply (cells policy): where each released cell begins
 CELL_CANDIDATES = "cell-candidates"  # ... on a candidate grid of this many equal cells on [0, 1]
 REPORT = "report"  # ConfigRecord key holding a JSON document of aggregate statistics
+COMPARE_ARMS = "arms"  # external_compare config: JSON list of arm names, in order ...
+COMPARE_MODEL = "model-"  # ... and the ArrayRecord of arm i is "model-<i>"
+MAX_COMPARED = 16  # the most models one external_compare message may carry
+RC_STAGE = "stage"  # run config: "compare" runs the comparison stage instead of an arm
+RC_COMPARE = "compare"  # ... with this run config key: JSON {arm: model file}

@@ -79,7 +79,21 @@ def test_tace_three_models_compared(tace_run: Path, demo_phantom: Path) -> None:
     sel = m["components"]["tabular"]["fedavg"]["r_bmode@0"]
     assert sel["n_features"] > 40
     assert all(s["feature"].startswith("bmode_") for s in sel["selected"])
+    # issue 20: the exact Newton fit, all models and re-splits in each message, few messages
+    for k in ("r_bmode@0", "r_tic@0"):
+        fit = m["components"]["tabular"]["fedavg"][k]["fit"]
+        assert fit["solver"] == "newton" and fit["converged"] and fit["messages"] <= 8
+    messages = m["federated"]["fedavg"]["messages"]
+    tabular = [v for k, v in messages.items() if k.endswith("tabular")]
+    assert len(tabular) == 1 and tabular[0]["exchanges"] <= 8
+    assert tabular[0]["messages"] == 3 * tabular[0]["exchanges"]  # 3 training sites
+    train = [v for k, v in messages.items() if k.startswith("train")]
+    assert train and train[0]["messages"] == 3  # one round, three sites
+    total = messages["total"]
+    assert total["messages"] == sum(v["messages"] for k, v in messages.items() if k != "total")
+    assert total["wait_s"] > 0
     html = (tace_run / "report.html").read_text()
+    assert "<h2>Messages</h2>" in html
     assert "The task&#x27;s models compared" in html or "The task's models compared" in html
     assert "Robustness" in html and "Selected features" in html
     # nothing patient-level in the results: no pseudonymous ID appears in them either
