@@ -81,8 +81,17 @@ from hcc_fl.shared.evaluation import threshold_splits
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.metrics.recalibration import Recalibration
 from hcc_fl.shared.models import build_model, build_ssl_model
+from hcc_fl.shared.normstate import SiteNormStore, norm_keys, recompute_statistics
 from hcc_fl.shared.version import code_version
-from hcc_fl.shared.wire import array_view, is_packed, layout_of, pack, unpack, wire_dtype
+from hcc_fl.shared.wire import (
+    array_view,
+    fingerprint,
+    is_packed,
+    layout_of,
+    pack,
+    unpack,
+    wire_dtype,
+)
 
 log = logging.getLogger("hcc_fl.site")
 app = ClientApp()
@@ -198,24 +207,103 @@ def _stage(msg: Message) -> str:
     return str(cfg.get("stage", "supervised")) if cfg is not None else "supervised"
 
 
-def _model(msg: Message, context: Context, name: str = R.ARRAYS) -> torch.nn.Module:
-    """The model in the message's ArrayRecord ``name`` (packed or per tensor)."""
+def _fedbn_site(msg: Message, context: Context) -> bool:
+    """Whether this message's model keeps this site's own normalisation state: a FedBN arm,
+    its supervised stage (the self-supervised stage averages everything), a training site."""
+    return (bool(int(_num(context.run_config, R.RC_FEDBN, 0))) and _stage(msg) != "ssl"
+            and resolve_site(context).role == R.ROLE_TRAIN)
+
+
+def _norm_store(context: Context, site: SiteContext) -> SiteNormStore:
+    """FedBN: this site's normalisation state of this run (its state folder; simulation: the
+    site's folder under the run directory)."""
+    key = str(context.run_config["run-key"]).replace("/", "__")
+    return SiteNormStore(_site_state(context, site) / "fedbn" / key)
+
+
+def _received_keys(arrays: ArrayRecord, model: torch.nn.Module) -> list[str]:
+    """The model entries a record carries: all of them, or (FedBN) all but the normalisation
+    layers' (per tensor: by name; packed: by the layout fingerprint)."""
+    full = model.state_dict()
+    local = set(norm_keys(model))
+    shared = [k for k in full if k not in local]
+    if is_packed(arrays.keys()):
+        theirs = {str(k).rsplit(".", 1)[-1] for k in arrays}
+        if local and theirs == {fingerprint(layout_of({k: full[k] for k in shared}))}:
+            return shared
+        return list(full)  # unpack names both fingerprints if this one does not fit either
+    return shared if local and set(arrays.keys()) == set(shared) else list(full)
+
+
+def _own_norm_state(msg: Message, context: Context, model: torch.nn.Module,
+                    received: dict[str, torch.Tensor], training: bool
+                    ) -> dict[str, torch.Tensor]:
+    """FedBN: the normalisation state this site uses: its own, saved after its last training
+    round (before this round for a training message, so a round repeated after a resume
+    starts where it started first); without one, the message's ``norm-init`` record (the
+    arm's start), else the normalisation entries the message carries."""
+    keys = norm_keys(model)
+    cfg = msg.content.config_records.get(R.CONFIG)
+    rnd = int(_num(cfg, "server-round", 0)) if cfg is not None else 0
+    own = _norm_store(context, resolve_site(context)).latest(
+        before=rnd if training and rnd > 0 else None)
+    if own is None and R.NORM_INIT in msg.content.array_records:
+        if training and rnd > 1:  # e.g. a site that missed round 1, or lost its state folder
+            log.warning("FedBN: no normalisation state of this site before round %d; starting "
+                        "from the arm's initial one", rnd)
+        own = cast(ArrayRecord, msg.content[R.NORM_INIT]).to_torch_state_dict()
+    if own is None and all(k in received for k in keys):
+        own = {k: received[k] for k in keys}
+    if own is None or set(own) != set(keys):
+        raise ValueError("FedBN: no normalisation state of this model at this site or in the "
+                         "message")
+    return {k: own[k] for k in keys}
+
+
+def _model(msg: Message, context: Context, name: str = R.ARRAYS, training: bool = False
+           ) -> torch.nn.Module:
+    """The model in the message's ArrayRecord ``name`` (packed or per tensor); at a FedBN
+    training site with this site's own normalisation state in place of whatever the message
+    holds for it."""
     rc = context.run_config
     build = build_ssl_model if _stage(msg) == "ssl" else build_model
     model = build(str(rc["task"]), str(rc["profile"]))
     arrays = cast(ArrayRecord, msg.content[name])
+    state: dict[str, torch.Tensor]
     if is_packed(arrays.keys()):  # one array per dtype (shared/wire.py)
-        state = unpack({k: array_view(v) for k, v in arrays.items()}, layout_of(model.state_dict()))
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        template = model.state_dict()
+        layout = layout_of({k: template[k] for k in _received_keys(arrays, model)})
+        unpacked = unpack({k: array_view(v) for k, v in arrays.items()}, layout)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in unpacked.items()}
     else:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        state = dict(arrays.to_torch_state_dict())
+    if _fedbn_site(msg, context):
+        state.update(_own_norm_state(msg, context, model, state, training))
+    model.load_state_dict(state)  # strict: a record without the normalisation entries needs them
     return model
+
+
+def _save_norm_state(msg: Message, context: Context, model: torch.nn.Module) -> None:
+    """FedBN: keep the trained normalisation state at this site (atomic, 0600), per round."""
+    if not _fedbn_site(msg, context):
+        return
+    cfg = msg.content[R.CONFIG]
+    state = model.state_dict()
+    _norm_store(context, resolve_site(context)).save(
+        int(_num(cfg, "server-round", 0)), {k: state[k] for k in norm_keys(model)})
+
+
+def _reply_state(msg: Message, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained entries that go back: those the coordinator sent (FedBN: without the
+    normalisation layers, which stay here)."""
+    state = model.state_dict()
+    return {k: state[k] for k in _received_keys(cast(ArrayRecord, msg.content[R.ARRAYS]), model)}
 
 
 def _reply_arrays(msg: Message, model: torch.nn.Module) -> ArrayRecord:
     """The trained model in the encoding the coordinator sent (packed fp32/fp16 or per tensor)."""
     received = cast(ArrayRecord, msg.content[R.ARRAYS])
-    state = model.state_dict()
+    state = _reply_state(msg, model)
     if not is_packed(received.keys()):
         return ArrayRecord(state)
     transfer = wire_dtype(received.keys(), {k: array_view(v) for k, v in received.items()})
@@ -361,7 +449,7 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
         raise PermissionError(f"site {site.name} is evaluation-only: training refused")
     rc = context.run_config
     cfg = msg.content[R.CONFIG]
-    model = _model(msg, context)
+    model = _model(msg, context, training=True)
     timing.mark("model-built")
     ssl = _stage(msg) == "ssl"  # self-supervised: the unlabelled train and val patches
     data = _load(site, context, ("train", "val") if ssl else ("train",))
@@ -400,6 +488,7 @@ def _train_local(msg: Message, context: Context) -> tuple[torch.nn.Module, Metri
         values = {"train-loss": outcome.loss, R.NUM_EXAMPLES: outcome.n_examples}
         if str(rc.get("privacy-mode", "none")) == "central-dp":
             values["unit-weight"] = 1.0  # central DP averages the sites with equal weights
+    _save_norm_state(msg, context, model)
     return model, values
 
 
@@ -529,7 +618,7 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     values: Metrics
     if purpose == "train":
         model, values = _train_local(msg, context)
-        params = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+        params = [v.detach().cpu().numpy() for v in _reply_state(msg, model).values()]
         weight = float(cast(Any, values[R.NUM_EXAMPLES]))
     else:
         params = [_validation_vector(msg, context, purpose) / _num(cfg, R.SA_BOUND)]
@@ -709,9 +798,14 @@ def external_eval(msg: Message, context: Context) -> Message:
     recalibrations = ({scorer.components.deep: Recalibration.from_dict(
         json.loads(str(cfg[R.RECALIBRATION])))} if R.RECALIBRATION in cfg else None)
     data = _load(site, context, ("test",))
+    test_time: dict[str, int] | None = None
+    if str(cfg.get(R.NORM_STATISTICS, "")) == "site" and scorer.deep is not None:
+        test_time = _test_time_statistics(scorer.deep, data, str(context.run_config["device"]))
     out = external_components(scorer, thresholds, data.survival, recalibrations,
                               _policy(context))
     report = dict(out["components"][scorer.components.deep])
+    if test_time is not None:
+        report["test_time_statistics"] = test_time
     if len(thresholds) > 1 or out["resplit_auc"]:
         report.update(out)
     if scorer.deep is not None:
@@ -719,6 +813,41 @@ def external_eval(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(report)})}), reply_to=msg
     )
+
+
+def _test_time_statistics(model: torch.nn.Module, data: SiteData, device: str,
+                          batch_size: int = 16) -> dict[str, int]:
+    """FedBN + external statistics: the model's normalisation running statistics recomputed
+    on this site's own test images (no labels; nothing of it leaves the site but the counts
+    returned here)."""
+    dev = resolve_device(device)
+    model.to(dev)
+    batches = ((data.video[i:i + batch_size].to(dev), data.clinical[i:i + batch_size].to(dev))
+               for i in range(0, len(data), batch_size))
+    layers = recompute_statistics(model, batches)
+    log.info("test-time normalisation statistics: %d layer(s) recomputed on %d images", layers,
+             len(data))
+    return {"layers": layers, "n_images": len(data)}
+
+
+@app.query(R.ACTION_NORM_STATE)
+@_guarded("norm-state")
+def norm_state(msg: Message, context: Context) -> Message:
+    """FedBN, once after the last round: this training site's normalisation state and its
+    training examples, for the coordinator's "FedBN + averaged statistics" model."""
+    site = resolve_site(context)
+    if site.role != R.ROLE_TRAIN:
+        raise PermissionError(f"site {site.name} is external: it has no normalisation state")
+    if not int(_num(context.run_config, R.RC_FEDBN, 0)):
+        raise PermissionError("normalisation state is only sent in a FedBN arm")
+    rc = context.run_config
+    keys = norm_keys(build_model(str(rc["task"]), str(rc["profile"])))
+    own = _norm_store(context, site).latest()
+    if own is None or set(own) != set(keys):
+        raise ValueError("FedBN: this site holds no normalisation state of this run")
+    n = len(_load(site, context, ("train",)))
+    return Message(RecordDict({R.ARRAYS: ArrayRecord({k: own[k] for k in keys}),
+                               R.METRICS: MetricRecord({R.NUM_EXAMPLES: n})}), reply_to=msg)
 
 
 @app.query(R.ACTION_COMPARE)
@@ -735,6 +864,9 @@ def external_compare(msg: Message, context: Context) -> Message:
         raise ValueError(f"external_compare: give 2 to {R.MAX_COMPARED} distinct arm names")
     models = {str(a): _model(msg, context, f"{R.COMPARE_MODEL}{i}") for i, a in enumerate(arms)}
     data = _load(site, context, ("test",))
+    for arm in json.loads(str(msg.content[R.CONFIG].get(R.NORM_STATISTICS, "[]"))):
+        if str(arm) in models:  # FedBN + external statistics: this site's own, as in external_eval
+            _test_time_statistics(models[str(arm)], data, str(context.run_config["device"]))
     out = compare_models(models, data, str(context.run_config["device"]), _policy(context))
     return Message(RecordDict({R.INFO: ConfigRecord({R.REPORT: json.dumps(out)})}),
                    reply_to=msg)

@@ -179,9 +179,15 @@ def check_config(cfg: dict[str, Any]) -> None:
     names = [a["name"] for a in cfg["strategy"]["arms"]]
     for i, arm in enumerate(cfg["strategy"]["arms"]):
         name = arm["name"]
-        if name not in ("fedavg", "fedprox", *fedopt.KINDS):
+        if name not in ("fedavg", "fedprox", "fedbn", *fedopt.KINDS):
             raise ConfigError(f"strategy.arms: unknown strategy '{name}' (fedavg, fedprox, "
-                              f"{', '.join(fedopt.KINDS)})")
+                              f"fedbn, {', '.join(fedopt.KINDS)})")
+        if name == "fedbn" and ((cfg.get("secure_aggregation") or {}).get("enabled")
+                                or (cfg.get("privacy") or {}).get("mode") == "central-dp"):
+            raise ConfigError("strategy fedbn: each site's normalisation state is averaged in "
+                              "the clear once at the end (query.norm_state), which secure "
+                              "aggregation and central DP would not cover; run fedbn without "
+                              "them")
         try:
             fedopt.from_arm(arm)
         except (TypeError, ValueError) as exc:

@@ -29,6 +29,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from hcc_fl.server.fedbn import average_norm_states, check_norm_reply
 from hcc_fl.server.identity import AllowList, SiteGate
 from hcc_fl.server.messages import CountingGrid
 from hcc_fl.server.screen import check_pass1, check_pass2, declared_rows
@@ -58,6 +59,7 @@ from hcc_fl.shared.evaluation import (
 from hcc_fl.shared.jsonio import write_json
 from hcc_fl.shared.metrics.pooled import ScoreGrid
 from hcc_fl.shared.models import build_model
+from hcc_fl.shared.normstate import norm_keys
 from hcc_fl.shared.version import code_version
 
 log = logging.getLogger("hcc_fl.coordinator")
@@ -434,11 +436,16 @@ def secure_pooled_validation(
 def external_evaluation(
     grid_: Grid, node: int, final: ArrayRecord, threshold: float, timeout: float,
     components: dict[str, str] | None = None, recalibration: dict[str, Any] | None = None,
+    site_statistics: bool = False,
 ) -> dict[str, Any]:
     """Ask the external site for its aggregate statistics of the final model (and, with
     ``components``: ``thresholds``, ``components``, ``bundle``, of every component; with
-    ``recalibration``, also of the deep model's recalibrated probabilities)."""
-    extra = {R.RECALIBRATION: json.dumps(recalibration)} if recalibration else {}
+    ``recalibration``, also of the deep model's recalibrated probabilities). With
+    ``site_statistics`` the site first recomputes the model's normalisation running statistics
+    on its own unlabelled test images (FedBN + external statistics)."""
+    extra: dict[str, Any] = {R.RECALIBRATION: json.dumps(recalibration)} if recalibration else {}
+    if site_statistics:
+        extra[R.NORM_STATISTICS] = "site"
     content = RecordDict({R.ARRAYS: final, R.CONFIG: ConfigRecord(
         {"threshold": threshold, **(components or {}), **extra})})
     replies = _query(grid_, [node], R.ACTION_EXTERNAL, content, timeout)
@@ -448,6 +455,58 @@ def external_evaluation(
     if reply.has_error():
         raise FederationError(f"external evaluation failed: {reply.error.reason}")
     return json.loads(str(reply.content[R.INFO][R.REPORT]))  # type: ignore[no-any-return]
+
+
+def fedbn_averaged(grid_: Grid, strategy: Any, final: ArrayRecord, timeout: float
+                   ) -> tuple[ArrayRecord, dict[str, Any]]:
+    """FedBN, once after the last round: each training site's normalisation state
+    (``query.norm_state``), screened (names, shapes and dtypes of the global model's entries,
+    finite values, ``num-examples`` within the site's declared ``n-train``) and averaged with
+    the training rounds' capped shares into ``final``. Returns the "FedBN + averaged
+    statistics" model and a summary (sites used and refused)."""
+    keys = list(strategy.local_keys)
+    expected = {k: (tuple(int(x) for x in np.shape(final[k].numpy())),
+                    np.dtype(final[k].numpy().dtype)) for k in keys}
+    nodes = list(strategy.training_nodes)
+    replies = _query(grid_, nodes, R.ACTION_NORM_STATE,
+                     RecordDict({R.CONFIG: ConfigRecord({"keys": len(keys)})}), timeout)
+    states, weights, used, refused = [], [], [], []
+    for r in sorted(replies, key=lambda m: strategy.site_names.get(m.metadata.src_node_id, "")):
+        site = strategy.site_names.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        if r.metadata.src_node_id not in nodes:
+            refused.append({"site": site, "reason": "reply from a node that is not a training "
+                                                    "site"})
+            continue
+        if r.has_error():
+            refused.append({"site": site, "reason": f"site error: {_reason(r)}"})
+            continue
+        content = r.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            refused.append({"site": site, "reason": "malformed reply (records)"})
+            continue
+        arrays = next(iter(content.array_records.values()))
+        n = next(iter(content.metric_records.values())).get(R.NUM_EXAMPLES)
+        try:
+            views = {k: np.asarray(v.numpy()) for k, v in arrays.items()}
+        except (ValueError, TypeError) as exc:
+            refused.append({"site": site, "reason": f"unreadable arrays ({exc})"})
+            continue
+        why = check_norm_reply(views, expected, n, strategy.declared.get(site))
+        if why:
+            refused.append({"site": site, "reason": why})
+            continue
+        states.append(views)
+        weights.append(float(cast(Any, n)))
+        used.append(site)
+    for item in refused:
+        log.warning("FedBN: normalisation state of %s refused: %s", item["site"], item["reason"])
+    if not states:
+        raise FederationError("FedBN: no training site sent a usable normalisation state")
+    mean = average_norm_states(states, weights, float(strategy.max_site_weight))
+    state = final.to_torch_state_dict()
+    state.update({k: torch.from_numpy(np.array(v, order="C")) for k, v in mean.items()})
+    out = ArrayRecord(state)
+    return out, {"local_entries": len(keys), "sites": used, "refused": refused}
 
 
 def robust_settings(fed: dict[str, Any]) -> dict[str, Any]:
@@ -570,7 +629,9 @@ def run_compare(grid_: Grid, context: Context) -> None:
             raise FederationError(f"the external site {external} did not connect: no "
                                   "comparison of the arms")
         models: dict[str, str] = json.loads(str(rc[R.RC_COMPARE]))
-        content = RecordDict({R.CONFIG: ConfigRecord({R.COMPARE_ARMS: json.dumps(list(models))})})
+        content = RecordDict({R.CONFIG: ConfigRecord({
+            R.COMPARE_ARMS: json.dumps(list(models)),
+            R.NORM_STATISTICS: json.dumps([a for a in models if a.endswith(R.SITE_STATS)])})})
         for i, path in enumerate(models.values()):
             content[f"{R.COMPARE_MODEL}{i}"] = ArrayRecord(torch.load(path, weights_only=True))
         replies = _query(grid_, ext[:1], R.ACTION_COMPARE, content,
@@ -646,9 +707,10 @@ def run_arm(grid_: Grid, context: Context) -> None:
     model = build_model(cfg["task"]["name"], cfg["model"]["profile"])
     privacy = cfg.get("privacy") or {"mode": "none"}
     central_dp = privacy.get("mode") == "central-dp"
+    fedbn = str(arm_cfg["name"]) == "fedbn"
     strategy = build_strategy(str(arm_cfg["name"]), len(train_nodes),
                               float(arm_cfg.get("proximal_mu", 0.0)), equal_weights=central_dp,
-                              arm=dict(arm_cfg))
+                              arm=dict(arm_cfg), local_keys=norm_keys(model) if fedbn else ())
     sizes = {str(v["site"]): dict(v) for v in sites.values() if v["site"] in training}
     strategy.setup_sites(  # type: ignore[attr-defined]
         arm, names, train_nodes, int(fed["min_sites"]),
@@ -718,6 +780,9 @@ def run_arm(grid_: Grid, context: Context) -> None:
         reasons = sorted({r["reason"] for r in strategy.rejections})  # type: ignore[attr-defined]
         raise FederationError(f"{arm}: no round produced a model (every round failed); the "
                               f"sites said: {' | '.join(reasons)[:1500] or 'nothing'}")
+    fedbn_summary: dict[str, Any] | None = None
+    if fedbn:
+        final, fedbn_summary = fedbn_averaged(grid_, strategy, final, float(fed["round_timeout_s"]))
     model.load_state_dict(final.to_torch_state_dict())
 
     grid = ScoreGrid(int(cfg["evaluation"]["histogram_bins"]))
@@ -763,6 +828,10 @@ def run_arm(grid_: Grid, context: Context) -> None:
     external_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout,
                                           extra, fit.as_dict() if fit else None)
                       if ext_nodes else None)
+    external_site_stats = (external_evaluation(grid_, ext_nodes[0], final, threshold, timeout,
+                                               extra, fit.as_dict() if fit else None,
+                                               site_statistics=True)
+                           if ext_nodes and fedbn else None)
 
     torch.save(model.state_dict(), arm_dir / "model.pt")
     write_json(arm_dir / "result.json", {
@@ -779,6 +848,8 @@ def run_arm(grid_: Grid, context: Context) -> None:
         "threshold": threshold,
         "validation": validation,
         "external": external_stats,
+        "external_site_statistics": external_site_stats,
+        "fedbn": fedbn_summary,
         "component_thresholds": thresholds,
         "component_validation": component_validation,
         "tabular": {k: selection_summary(st) for k, st in main_models(states).items()},

@@ -276,6 +276,7 @@ def _build_report(run_dir: Path) -> str:
         ])
     parts.append(_table(["arm", "AUC (95% CI)", "threshold", "sensitivity", "specificity",
                          "accuracy", "PPV", "NPV", "Brier", "cal. slope"], rows))
+    parts.extend(_fedbn_note(metrics))
     withheld = [(arm, w) for arm, e in ext.items() for w in e.get("withheld") or []]
     if withheld:
         parts.append(Markup('<p class="note">Withheld by the external site\'s release policy '
@@ -497,6 +498,30 @@ def _transport_section(metrics: dict[str, Any]) -> list[Markup]:
         _table(["arm", "AUC internal", "AUC external", "difference (95% CI)", "D", "df", "p",
                 "pAUC spec. 0.8-1", "pAUC sens. 0.8-1"], rows),
     ]
+
+
+def _fedbn_note(metrics: dict[str, Any]) -> list[Markup]:
+    """What the two FedBN rows of the external table are."""
+    ext = metrics.get("external") or {}
+    rows = []
+    for arm, e in ext.items():
+        if not arm.endswith("+external-stats") or "/" in arm:
+            continue
+        base = arm.removesuffix("+external-stats")
+        tts = e.get("test_time_statistics") or {}
+        rows.append([base, "FedBN + averaged statistics", _f((ext.get(base) or {}).get("auc")),
+                     "normalisation state averaged over the training sites once at the end"])
+        rows.append([arm, "FedBN + external statistics", _f(e.get("auc")),
+                     _h("running statistics of {} layer(s) recomputed on the external site's "
+                        "{} unlabelled test images", _f(tts.get("layers")),
+                        _f(tts.get("n_images")))])
+    if not rows:
+        return []
+    return [Markup('<p class="note">FedBN: normalisation layers stay at each training site; '
+                   "the external site never trained and is scored twice. With GroupNorm or "
+                   "InstanceNorm without running statistics (0 layers) the two rows are the same "
+                   "model.</p>"),
+            _table(["arm", "FedBN variant", "AUC", "normalisation state"], rows)]
 
 
 def _recalibration_section(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[Markup]:

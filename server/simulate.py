@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hcc_fl.server.config import ConfigError, to_yaml
+from hcc_fl.server.config import NO_SSL, ConfigError, to_yaml
 from hcc_fl.server.flower_runtime import (
     Deployment,
     deployment_superlink,
@@ -64,6 +65,9 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
     return {"auc": values, "n": int(v.size), "mean": float(v.mean()),
             "sd": float(v.std(ddof=1)) if v.size > 1 else None,
             "min": float(v.min()), "max": float(v.max())}
+
+
+SITE_STATS = R.SITE_STATS
 
 
 def _add_arm(external: dict[str, Any], block: dict[str, Any], arm: str, stats: dict[str, Any],
@@ -174,6 +178,7 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
         **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
+        R.RC_FEDBN: int(arm.removesuffix(NO_SSL) == "fedbn"),
     }
 
 
@@ -238,27 +243,41 @@ def _compare_arms(
     task, profile = cfg["task"]["name"], cfg["model"]["profile"]
     ext = cfg["federation"]["external_site"]
     data = load_site(data_root / index["sites"][ext]["manifest"], task, profile, ("test",))
+    from hcc_fl.shared.normstate import recompute_statistics
+
     loaded = {}
     for arm in arms:
         model = build_model(task, profile)
-        model.load_state_dict(torch.load(models / f"{arm.replace(':', '-')}.pt"))
+        base = arm.removesuffix(SITE_STATS)
+        model.load_state_dict(torch.load(models / f"{base.replace(':', '-')}.pt"))
+        if arm != base:  # the external site's test-time statistics, as it computes them
+            recompute_statistics(model, ((data.video[i:i + 16], data.clinical[i:i + 16])
+                                         for i in range(0, len(data), 16)))
         loaded[arm] = model
     return compare_models(loaded, data, cfg["device"],
                           ReleasePolicy.from_mapping(cfg.get("disclosure") or {}))
 
 
 def _compare_deployed(cfg: dict[str, Any], work: Path, data_root: Path, link: Any,
-                      arms: list[str], deployment: Deployment) -> list[dict[str, Any]]:
+                      arms: list[str], deployment: Deployment, site_stats: Iterable[str] = ()
+                      ) -> list[dict[str, Any]]:
     """In a deployment, the paired DeLong tests between the arms come from the external site:
     one more run whose one message carries every arm's final model (``run_compare`` in
-    server/flower_app.py). A failure is logged and leaves the comparisons out."""
+    server/flower_app.py); each FedBN arm in ``site_stats`` also as ``<arm>+external-stats``,
+    scored after the site's own test-time statistics. A failure is logged and leaves the
+    comparisons out."""
+    files: dict[str, str] = {}
+    for a in arms:
+        files[a] = str(work / "arms" / a / "model.pt")
+        if a in set(site_stats):
+            files[a + SITE_STATS] = files[a]
     stage = work / "arms" / ".compare"
     app_dir = write_app_bundle(work / "app" / ".compare", {
         **_run_config({**cfg, "insecure": deployment.insecure}, ".compare", work, data_root),
         R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
         if deployment.pki is not None and not deployment.insecure else "",
         R.RC_STAGE: "compare",
-        R.RC_COMPARE: json.dumps({a: str(work / "arms" / a / "model.pt") for a in arms}),
+        R.RC_COMPARE: json.dumps(files),
     })
     flwr_run(link, app_dir, None, work / "logs" / "flower-compare.log")
     out = stage / "comparisons.json"
@@ -420,8 +439,9 @@ def run_simulation(
                 timing[f"{arm}_s"] = time.monotonic() - t_arm
             if deployment is not None and len(arm_results) > 1:
                 t_cmp = time.monotonic()
-                deployed_comparisons = _compare_deployed(cfg, work, data_root, link,
-                                                         list(arm_results), deployment)
+                deployed_comparisons = _compare_deployed(
+                    cfg, work, data_root, link, list(arm_results), deployment,
+                    [a for a, r in arm_results.items() if r.get("external_site_statistics")])
                 timing["comparisons_s"] = time.monotonic() - t_cmp
         timing["federated_total_s"] = time.monotonic() - t0
         shutil.rmtree(work / ".flwr", ignore_errors=True)
@@ -461,6 +481,13 @@ def run_simulation(
         _add_arm(external, components, arm, res["external"], res.get("component_thresholds"),
                  res.get("component_validation"), res.get("tabular"))
         validation[arm] = res["validation"]
+        if res.get("external_site_statistics"):  # FedBN + external (test-time) statistics
+            _add_arm(external, components, arm + SITE_STATS, res["external_site_statistics"],
+                     res.get("component_thresholds"), res.get("component_validation"),
+                     res.get("tabular"))
+            validation[arm + SITE_STATS] = res["validation"]
+        if res.get("fedbn"):
+            federated[arm]["fedbn"] = res["fedbn"]
         history.extend(res["history"])
         rejections.extend(res["rejections"])
         sites = res["sites"]

@@ -134,6 +134,8 @@ class SiteAwareMixin:
     secagg: dict[str, Any] | None = None  # SecAggConfig fields except n and threshold
     transfer: str = "per-tensor"  # how round messages carry the model (shared/wire.py)
     server_opt: ServerOptimizer | None = None  # FedOpt (server/fedopt.py); None = the aggregate
+    local_keys: tuple[str, ...] = ()  # FedBN (server/fedbn.py): entries that stay at the sites
+    _norm_init: ArrayRecord | None = None  # FedBN: what a site without its own state starts from
 
     def setup_sites(
         self, arm: str, site_names: dict[int, str], training_nodes: list[int], min_sites: int,
@@ -263,6 +265,7 @@ class SiteAwareMixin:
         out = self._only_training(
             super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
         )
+        self._attach_norm_init(out)
         self._audit_sent(server_round, out, "train")
         return out
 
@@ -273,8 +276,31 @@ class SiteAwareMixin:
         out = self._only_training(
             super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         )
+        self._attach_norm_init(out)
         self._audit_sent(server_round, out, "evaluate")
         return out
+
+    # --- FedBN: normalisation state stays at the sites ----------------------------------------
+    def _attach_norm_init(self, messages: Iterable[Message]) -> None:
+        """FedBN: every round message also carries the normalisation state of the arm's start
+        (record ``norm-init``), which a site uses until it has its own."""
+        if self._norm_init is None:
+            return
+        for m in messages:
+            m.content[R.NORM_INIT] = self._norm_init
+
+    def _shared_part(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The record round messages carry: without the FedBN-local entries (or all of it)."""
+        if not self.local_keys:
+            return arrays
+        local = set(self.local_keys)
+        return ArrayRecord({k: v for k, v in arrays.items() if k not in local})
+
+    @staticmethod
+    def _merged(new: ArrayRecord, current: ArrayRecord) -> ArrayRecord:
+        """``current`` with the entries of ``new`` (an aggregate of the shared part) replaced,
+        in ``current``'s order."""
+        return ArrayRecord({k: new.get(k, v) for k, v in current.items()})
 
     # --- screening and history -----------------------------------------------------------------
     def _origin(self, msg: Message) -> int:
@@ -697,6 +723,8 @@ class SiteAwareMixin:
             rd = RecordDict({R.CONFIG: ConfigRecord({**entries, **dict(train_config),
                                                      R.SA_PURPOSE: "train"})})
             rd[R.ARRAYS] = arrays
+            if self._norm_init is not None:
+                rd[R.NORM_INIT] = self._norm_init
             return rd
 
         expected = [(1,), *(tuple(v.shape) for v in arrays.values())]
@@ -750,7 +778,7 @@ class SiteAwareMixin:
             return new
         state = unpack({k: array_view(v) for k, v in new.items()},
                        layout_of({k: array_view(v) for k, v in template.items()}))
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()})
 
     def _server_step(self, current: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
         """The new global model: the aggregate itself, or the server optimiser's step with it."""
@@ -758,7 +786,7 @@ class SiteAwareMixin:
             return aggregate
         out = self.server_opt.step({k: array_view(v) for k, v in current.items()},
                                    {k: array_view(v) for k, v in aggregate.items()})
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in out.items()})
 
     # --- the round loop ------------------------------------------------------------------------
     def run_rounds(
@@ -771,6 +799,11 @@ class SiteAwareMixin:
         central = self.central
         driver: Any = central.wrapper if central is not None else self
         transfer = self.transfer if self.secagg is None else "per-tensor"
+        if self.local_keys:  # FedBN: the global model's normalisation entries never change
+            missing = set(self.local_keys) - set(arrays.keys())
+            if missing:
+                raise ValueError(f"FedBN: the model lacks {', '.join(sorted(missing)[:3])}")
+            self._norm_init = ArrayRecord({k: arrays[k] for k in self.local_keys})
         for rnd in range(first_round, num_rounds + 1):
             if central is not None and central.budget is not None and \
                     central.epsilon(central.releases + 1) > central.budget:
@@ -783,18 +816,20 @@ class SiteAwareMixin:
             flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             t0 = time.monotonic()
             train_cfg = ConfigRecord(dict(train_config))
+            shared = self._shared_part(arrays)
             if self.secagg is not None:
-                new = self._secagg_round(grid, rnd, arrays, train_cfg, timeout)
+                new = self._secagg_round(grid, rnd, shared, train_cfg, timeout)
                 if new is not None:
                     self.aggregated_rounds.append(rnd)
             else:
-                new = self._train_round(grid, driver, rnd, self._to_wire(arrays, transfer),
+                new = self._train_round(grid, driver, rnd, self._to_wire(shared, transfer),
                                         train_cfg, timeout)
                 if new is not None:
-                    new = self._from_wire(new, arrays)
+                    new = self._from_wire(new, shared)
             if new is not None:
-                arrays = self._server_step(arrays, new)
-            sent = list(self.configure_evaluate(rnd, self._to_wire(arrays, transfer),
+                arrays = self._server_step(arrays, self._merged(new, arrays))
+            sent = list(self.configure_evaluate(rnd, self._to_wire(self._shared_part(arrays),
+                                                                   transfer),
                                                 ConfigRecord(dict(evaluate_config)), grid))
             replies = list(grid.send_and_receive(messages=sent, timeout=timeout))
             self._sent(sent)
@@ -813,9 +848,17 @@ class HccFedProx(SiteAwareMixin, FedProx):
     """FedProx: FedAvg aggregation; the sites add ``mu/2 ||w - w_global||^2`` to their loss."""
 
 
+class HccFedBN(SiteAwareMixin, FedAvg):
+    """FedBN (Li et al. 2021): FedAvg of every entry except the normalisation layers'
+    (``local_keys``), which each site keeps in its state folder; round messages and replies
+    carry the model without them (server/fedbn.py)."""
+
+
 def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
-                   equal_weights: bool = False, arm: dict[str, Any] | None = None) -> FedAvg:
-    """Build a strategy by name (``fedavg``, ``fedprox``, or a FedOpt server optimiser:
+                   equal_weights: bool = False, arm: dict[str, Any] | None = None,
+                   local_keys: Iterable[str] = ()) -> FedAvg:
+    """Build a strategy by name (``fedavg``, ``fedprox``, ``fedbn`` with the model's
+    normalisation entries ``local_keys`` kept at the sites, or a FedOpt server optimiser:
     ``fedadam``, ``fedyogi``, ``fedadagrad``, with the arm's ``server_lr``, ``beta_1``,
     ``beta_2``, ``tau``; the sites train as under FedAvg) for ``n_training`` sites.
 
@@ -834,8 +877,13 @@ def build_strategy(name: str, n_training: int, proximal_mu: float = 0.0,
         return HccFedAvg(**common)
     if name == "fedprox":
         return HccFedProx(proximal_mu=proximal_mu, **common)
+    if name == "fedbn":
+        fedbn = HccFedBN(**common)
+        fedbn.local_keys = tuple(local_keys)
+        return fedbn
     if name in KINDS:
         strategy = HccFedAvg(**common)
         strategy.server_opt = from_arm({**(arm or {}), "name": name})
         return strategy
-    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox, {', '.join(KINDS)}")
+    raise KeyError(f"unknown strategy '{name}'; known: fedavg, fedprox, fedbn, "
+                   f"{', '.join(KINDS)}")

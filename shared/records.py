@@ -17,6 +17,7 @@ ACTION_PLACEMENTS = "validation_placements"
 ACTION_EXTERNAL = "external_eval"
 ACTION_RECALIBRATION = "recalibration_sums"  # one Newton step of the logistic recalibration
 ACTION_TABULAR = "tabular"  # one step of a federated tabular fit (client/components.py)
+ACTION_NORM_STATE = "norm_state"  # FedBN: a training site's normalisation state, once, at the end
 ACTION_COMPARE = "external_compare"  # paired DeLong tests between the arms' final models
 ACTION_SECAGG_SETUP = "secagg_setup"
 ACTION_SECAGG_SHARE = "secagg_share"
@@ -45,6 +46,11 @@ NC_SECAGG_MIN_SITES = "secagg-min-sites"
 RC_SECAGG_KEYS = "secagg-keys"  # ... (run config, simulation only: the harness's key folder)
 RC_SECAGG_MIN_SITES = "secagg-min-sites"
 
+RC_FEDBN = "fedbn"  # run config: 1 = the arm keeps normalisation layers at each site (FedBN)
+NORM_INIT = "norm-init"  # FedBN: ArrayRecord of the normalisation state a site starts from
+NORM_STATISTICS = "norm-statistics"  # external_eval config: "site" = test-time statistics;
+# external_compare config: JSON list of the arms to score after the site's own statistics
+SITE_STATS = "+external-stats"  # metrics.json: a FedBN arm with the external site's statistics
 RC_ALLOW_LIST = "allow-list"  # run config: the coordinator's <pki>/authorized ("" = no PKI)
 
 ROLE_TRAIN = "train"
