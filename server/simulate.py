@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -170,11 +171,50 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "batch-size": int(cfg["model"]["batch_size"]),
         "run-key": f"{cfg.get('run_name')}-{cfg.get('run_uid', 'x')}/{arm}",
         "privacy-dir": str(run_dir / "privacy"),
+        "prep-cache": str(cfg.get("_prep_cache") or ""),
         **_privacy_run_config(cfg.get("privacy") or {"mode": "none"}),
         # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
         **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
     }
+
+
+PREP_CACHE = ".hcc-fl-prepcache"
+
+
+def prep_cache_dir(data_root: Path) -> Path | None:
+    """The simulated sites' preparation cache (:mod:`hcc_fl.client.prepcache`):
+    ``<data_root>/.hcc-fl-prepcache``, one folder for all sites of the data root (entries are
+    keyed by content, so sites, arms and runs share them safely, and a new run of the same data
+    decodes nothing); None when the data root is read-only (then each process keeps its tensors
+    in memory only)."""
+    folder = data_root / PREP_CACHE
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK | os.X_OK) else None
+
+
+def prepare_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any], folder: Path,
+                  quiet: bool = False) -> None:
+    """Decode every simulated site's patients into the preparation cache before the arms
+    (in parallel over the CPUs, with a progress bar); the ClientApps then only read it."""
+    from hcc_fl.client.data import prepare_site
+    from hcc_fl.client.prepcache import PrepCache
+
+    fed = cfg["federation"]
+    sites = [(s, ("train", "val")) for s in fed["training_sites"]]
+    if fed.get("external_site"):
+        sites.append((fed["external_site"], ("test",)))
+    cache = PrepCache(folder)
+    with tqdm(desc="     prepare", unit="patient", disable=None if not quiet else True) as bar:
+        for site, splits in sites:
+            done = prepare_site(data_root / index["sites"][site]["manifest"],
+                                cfg["task"]["name"], cfg["model"]["profile"], splits, cache,
+                                progress=bar.update)
+            log.debug("prepared site %s: %d decoded, %d unchanged (%.1f s)", site, done.built,
+                      done.reused, done.seconds)
 
 
 def _secagg_run_config(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -331,6 +371,14 @@ def run_simulation(
         (work / "config.json").write_text(json.dumps(cfg, indent=2))
     timing: dict[str, float] = {}
     t_start = time.monotonic()
+    prep = prep_cache_dir(data_root) if deployment is None else None
+    if prep is not None:
+        from hcc_fl.client.data import use_prep_cache
+
+        t0 = time.monotonic()
+        prepare_sites(cfg, data_root, index, prep, quiet)
+        use_prep_cache(prep)  # the baselines and the comparisons of this process read it too
+        timing["prepare_s"] = time.monotonic() - t0
 
     fed = cfg["federation"]
     n_nodes = len(fed["training_sites"]) + (1 if fed.get("external_site") else 0)
@@ -362,7 +410,8 @@ def run_simulation(
                 app_dir = write_app_bundle(
                     work / "app" / arm,
                     {**_run_config({**cfg, "insecure": bool(deployment and deployment.insecure),
-                                    "_resume": resuming}, arm, work, data_root),
+                                    "_resume": resuming, "_prep_cache": prep}, arm, work,
+                                   data_root),
                      # the key decides who a node is (server/identity.py); none in simulation
                      R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
                      if deployment is not None and deployment.pki is not None
