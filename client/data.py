@@ -318,7 +318,7 @@ def prepare_site(
     splits: tuple[str, ...],
     cache: PrepCache,
     workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> PrepareResult:
     """Fill the preparation cache with the rows of ``splits`` whose entry is missing.
 

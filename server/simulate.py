@@ -204,7 +204,8 @@ def prepare_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any], f
     from hcc_fl.client.prepcache import PrepCache
 
     fed = cfg["federation"]
-    sites = [(s, ("train", "val")) for s in fed["training_sites"]]
+    sites: list[tuple[str, tuple[str, ...]]] = [(s, ("train", "val"))
+                                                for s in fed["training_sites"]]
     if fed.get("external_site"):
         sites.append((fed["external_site"], ("test",)))
     cache = PrepCache(folder)
