@@ -230,10 +230,10 @@ def _rows(manifest: Manifest, splits: tuple[str, ...]) -> list[tuple[int, dict[s
     return rows
 
 
-def _key(manifest: Manifest, task: TaskSpec, frames: int, size: int, row: dict[str, str]
-         ) -> str:
+def _key(cache: PrepCache, manifest: Manifest, task: TaskSpec, frames: int, size: int,
+         row: dict[str, str]) -> str:
     return row_key(manifest.root, row, file_columns(task), task.name,
-                   {"frames": frames, "size": size})
+                   {"frames": frames, "size": size}, cache.version)
 
 
 def _build(
@@ -249,7 +249,7 @@ def _build(
     arrays: list[Arrays] = []
     issues: list[DataIssue] = []
     for line, row in rows:
-        key = _key(manifest, task, frames, size, row) if prep is not None else ""
+        key = _key(prep, manifest, task, frames, size, row) if prep is not None else ""
         try:
             arrays.append(cached(prep, key, functools.partial(
                 _row_arrays, manifest, task, frames, size, line, row)))
@@ -352,7 +352,7 @@ def prepare_site(
     cache.remove_stale_tmp()
     todo = []
     for line, row in rows:
-        key = _key(manifest, task, frames, size, row)
+        key = _key(cache, manifest, task, frames, size, row)
         if cache.has(key):
             if progress:
                 progress(1)

@@ -151,30 +151,53 @@ def _decode(payload: bytes) -> Arrays:
 
 @dataclass(frozen=True)
 class PrepCache:
-    """The preparation cache in ``folder`` (created 0700 on first write)."""
+    """The preparation cache in ``folder`` (created 0700 on first write); ``code`` is the code
+    version in its keys (default: :func:`hcc_fl.shared.version.code_version`)."""
 
     folder: Path
+    code: str | None = None
+
+    @property
+    def version(self) -> str:
+        """The code version this cache's keys are computed with."""
+        return self.code if self.code is not None else code_version()
 
     def path(self, key: str) -> Path:
         """Where the entry ``key`` lives."""
         return self.folder / key[:2] / f"{key}.prep"
 
-    def get(self, key: str) -> Arrays | None:
-        """The arrays stored under ``key``, or None when absent, torn or damaged (a damaged
-        entry is logged by its key prefix and left to be overwritten)."""
-        path = self.path(key)
+    def load(self, key: str) -> Arrays | None:
+        """The arrays stored under ``key``, None when there is no entry.
+
+        Raises
+        ------
+        ValueError
+            The entry is torn or damaged (magic, key, length or checksum do not match).
+        """
         try:
-            blob = path.read_bytes()
+            blob = self.path(key).read_bytes()
         except FileNotFoundError:
             return None
         try:
             magic, raw_key, length, digest = _HEAD.unpack_from(blob)
-            payload = memoryview(blob)[_HEAD.size:]
-            if (magic != MAGIC or raw_key != bytes.fromhex(key) or len(payload) != length
-                    or hashlib.sha256(payload).digest() != digest):
-                raise ValueError("header or checksum mismatch")
+        except struct.error as exc:
+            raise ValueError(f"short header ({len(blob)} bytes)") from exc
+        payload = memoryview(blob)[_HEAD.size:]
+        if magic != MAGIC or raw_key != bytes.fromhex(key):
+            raise ValueError("not an entry of this key")
+        if len(payload) != length or hashlib.sha256(payload).digest() != digest:
+            raise ValueError("length or checksum mismatch")
+        try:
             return _decode(bytes(payload))
         except (struct.error, ValueError, OSError) as exc:
+            raise ValueError(f"unreadable arrays ({exc})") from exc
+
+    def get(self, key: str) -> Arrays | None:
+        """The arrays stored under ``key``, or None when absent, torn or damaged (a damaged
+        entry is logged by its key prefix and left to be overwritten)."""
+        try:
+            return self.load(key)
+        except (ValueError, OSError) as exc:
             log.warning("preparation cache: entry %s… unusable (%s); it is rebuilt", key[:12],
                         exc)
             return None
