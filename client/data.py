@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,18 @@ def use_prep_cache(folder: str | Path | None) -> None:
     ``folder`` (:mod:`hcc_fl.client.prepcache`); None: memory only (the default)."""
     global _PREP
     _PREP = None if folder is None else PrepCache(Path(folder))
+
+
+@contextlib.contextmanager
+def using_prep_cache(folder: str | Path | None) -> Iterator[None]:
+    """:func:`use_prep_cache` for a block; the previous setting is restored after it."""
+    global _PREP
+    before = _PREP
+    use_prep_cache(folder)
+    try:
+        yield
+    finally:
+        _PREP = before
 
 
 def active_prep_cache() -> PrepCache | None:

@@ -9,6 +9,7 @@ never left half-overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -218,6 +219,16 @@ def prepare_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any], f
                       done.reused, done.seconds)
 
 
+def _reading(prep: Path | None) -> contextlib.AbstractContextManager[None]:
+    """Read site tensors through the preparation cache ``prep`` in this process (baselines,
+    comparisons); nothing without one (the coordinator of a deployment has no site readers)."""
+    if prep is None:
+        return contextlib.nullcontext()
+    from hcc_fl.client.data import using_prep_cache
+
+    return using_prep_cache(prep)
+
+
 def _secagg_run_config(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Simulation with SecAgg+: the harness plays the consortium and makes one identity key per
     training site (``<run>/secagg-keys``), as ``hcc-fl certs add-site`` does for a deployment;
@@ -374,11 +385,8 @@ def run_simulation(
     t_start = time.monotonic()
     prep = prep_cache_dir(data_root) if deployment is None else None
     if prep is not None:
-        from hcc_fl.client.data import use_prep_cache
-
         t0 = time.monotonic()
         prepare_sites(cfg, data_root, index, prep, quiet)
-        use_prep_cache(prep)  # the baselines and the comparisons of this process read it too
         timing["prepare_s"] = time.monotonic() - t0
 
     fed = cfg["federation"]
@@ -460,7 +468,8 @@ def run_simulation(
                                  disable=None if not quiet else True)
             bars[arm].update(1)
 
-        baselines = run_baselines(cfg, data_root, index, progress)
+        with _reading(prep):  # the baselines read the prepared tensors too
+            baselines = run_baselines(cfg, data_root, index, progress)
         for bar_ in bars.values():
             bar_.close()
         timing["baselines_s"] = time.monotonic() - t0
@@ -496,8 +505,9 @@ def run_simulation(
         history.extend(b.history)
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
     deep_arms = [a for a in external if "/" not in a]
-    comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
-                   if deployment is None else [])
+    with _reading(prep):
+        comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
+                       if deployment is None else [])
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:
