@@ -251,7 +251,7 @@ def test_killed_prepare_keeps_finished_patients(small_phantom: Path, tmp_path: P
 
 def test_two_processes_prepare_at_once(small_phantom: Path, tmp_path: Path) -> None:
     # Prepare: two `hcc-fl-client prepare` of one site into one cache, in the same row order
-    manifest = _site(small_phantom / "site_A", tmp_path / "site", copies=4)
+    manifest = _site(small_phantom / "site_A", tmp_path / "site", copies=2)
     folder = manifest.parent / ".hcc-fl-site_A" / "prepcache"
     argv = [script("hcc-fl-client"), "prepare", "--site-config",
             str(manifest.parent / "SITE.yaml"), "--profile", "tiny", "--workers", "1",
