@@ -255,7 +255,11 @@ def cached(cache: PrepCache | None, key: str, build: Callable[[], Arrays]) -> Ar
     found = cache.get(key)
     if found is None:
         found = build()
-        cache.put(key, found)
+        try:
+            cache.put(key, found)
+        except OSError as exc:  # a full or read-only disk costs speed, not the message
+            log.warning("preparation cache %s: cannot write (%s); the tensors are used "
+                        "without it", cache.folder, type(exc).__name__)
     return found
 
 
