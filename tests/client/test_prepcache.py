@@ -274,3 +274,22 @@ def test_two_processes_prepare_at_once(small_phantom: Path, tmp_path: Path) -> N
     assert reads > 0
     _same(_load(manifest, "ki67_ceus", "tiny", ("train", "val"), None),
           _load(manifest, "ki67_ceus", "tiny", ("train", "val"), folder))
+
+
+def test_messages_read_the_site_state_cache(tmp_path: Path) -> None:
+    """Deployment: ``<state>/prepcache`` from the node config; simulation: the run config's
+    folder under the data root; neither: memory only."""
+    from flwr.app import Context, RecordDict
+
+    from hcc_fl.client.flower_app import prep_cache_folder
+    from hcc_fl.server.simulate import PREP_CACHE, prep_cache_dir
+
+    def ctx(nc: dict[str, str | int], rc: dict[str, str]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config=rc)
+
+    folder = prep_cache_dir(tmp_path)
+    assert folder == tmp_path / PREP_CACHE and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert prep_cache_folder(ctx({"state": str(tmp_path / "s")}, {})) == tmp_path / "s" / \
+        "prepcache"
+    assert prep_cache_folder(ctx({"partition-id": 0}, {"prep-cache": str(folder)})) == folder
+    assert prep_cache_folder(ctx({"partition-id": 0}, {"prep-cache": ""})) is None
