@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,30 +251,49 @@ def test_killed_prepare_keeps_finished_patients(small_phantom: Path, tmp_path: P
 
 
 def test_two_processes_prepare_at_once(small_phantom: Path, tmp_path: Path) -> None:
-    # Prepare: two `hcc-fl-client prepare` of one site into one cache, in the same row order
-    manifest = _site(small_phantom / "site_A", tmp_path / "site", copies=2)
+    # Prepare: `hcc-fl-client prepare` in a subprocess and prepare_site in this process, on
+    # one site and one cache, in the same row order (both write the same keys), while a thread
+    # reads every entry that appears
+    manifest = _site(small_phantom / "site_A", tmp_path / "site", copies=6)
     folder = manifest.parent / ".hcc-fl-site_A" / "prepcache"
-    argv = [script("hcc-fl-client"), "prepare", "--site-config",
-            str(manifest.parent / "SITE.yaml"), "--profile", "tiny", "--workers", "1",
-            "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    # Execute: read every entry that appears while they write
-    cache, reads = PrepCache(folder), 0
-    while any(p.poll() is None for p in procs):
-        for f in _entries(folder):
-            assert cache.load(f.stem) is not None  # raises on a torn entry
-            reads += 1
-        time.sleep(0.05)
-    outs = [p.communicate()[0] for p in procs]
-    # Assert
-    assert [p.returncode for p in procs] == [0, 0], outs
     n = len(validated_manifest(manifest, "ki67_ceus").rows_in(("train", "val")))
+    proc = subprocess.Popen([script("hcc-fl-client"), "prepare", "--site-config",
+                             str(manifest.parent / "SITE.yaml"), "--profile", "full",
+                             "--workers", "1", "--no-progress"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, text=True)
+    cache, reads, torn, stop = PrepCache(folder), [0], [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for f in _entries(folder):
+                try:
+                    if cache.load(f.stem) is None:
+                        torn.append("an entry vanished")
+                    reads[0] += 1
+                except ValueError as exc:  # a torn entry
+                    torn.append(str(exc))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not _entries(folder) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Execute: this process prepares while the other one still does
+        here = _prepare(manifest, folder, profile="full")
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        stop.set()
+        thread.join()
+    # Assert: both wrote, nothing torn was ever read, the result is whole and identical
+    assert proc.returncode == 0, out
+    assert f"{n} decoded, 0 unchanged" in out and 0 < here.built < n
+    assert not torn and reads[0] > 0
     assert len(_entries(folder)) == n and not list(folder.glob("*/.*.tmp"))
-    assert reads > 0
-    _same(_load(manifest, "ki67_ceus", "tiny", ("train", "val"), None),
-          _load(manifest, "ki67_ceus", "tiny", ("train", "val"), folder))
+    _same(_load(manifest, "ki67_ceus", "full", ("train", "val"), None),
+          _load(manifest, "ki67_ceus", "full", ("train", "val"), folder))
 
 
 def test_messages_read_the_site_state_cache(tmp_path: Path) -> None:
