@@ -1,5 +1,5 @@
-"""``hcc-fl-client``: run a site (``--site-config``), check its data (``check-data``) or build
-its export from the PACS (``pull``)."""
+"""``hcc-fl-client``: run a site (``--site-config``), check its data (``check-data``), build
+its export from the PACS (``pull``) or its preparation cache (``prepare``)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _pull(args: argparse.Namespace) -> int:
         cfg = load_pull_target(args.site_config)
         pacs = load_pacs_config(args.site_config)
         task = get_task(cfg.task)
-        state = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
+        state = _state_home(args, cfg.path, cfg.site)
         result = pull(Path(args.cohort), task, pacs, cfg.manifest, state, force=args.force,
                       progress=not args.no_progress)
     except DataError as exc:
@@ -88,6 +88,45 @@ def _pull(args: argparse.Namespace) -> int:
     print(f"{result.manifest}: written; check it with `hcc-fl-client check-data --manifest "
           f"{result.manifest} --task {task.name}`")
     return 0 if done == len(result.patients) else 2
+
+
+def _state_home(args: argparse.Namespace, path: Path, site: str) -> Path:
+    """The site's state folder: ``--state-dir``, else ``.hcc-fl-<site>`` beside SITE.yaml."""
+    return Path(args.state_dir or (path.parent / f".hcc-fl-{site}")).resolve()
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Decode the site's images into its preparation cache (see :mod:`hcc_fl.client.prepcache`)."""
+    from tqdm import tqdm
+
+    from hcc_fl.client.data import prepare_site
+    from hcc_fl.client.decode_check import SizeLimits, use_limits
+    from hcc_fl.client.manifest import allow_roots
+    from hcc_fl.client.prepcache import PrepCache
+    from hcc_fl.client.site_config import load_site_config
+
+    try:
+        cfg = load_site_config(args.site_config, args.role)
+        use_limits(SizeLimits.from_mb(cfg.max_image_mb))
+        allow_roots(cfg.allowed_roots)
+        splits = ("test",) if cfg.role == "external" else ("train", "val")
+        cache = PrepCache(_state_home(args, cfg.path, cfg.site) / "prepcache")
+        for profile in args.profile or ["full"]:
+            with tqdm(desc=f"{cfg.site} {profile}", unit="patient",
+                      disable=True if args.no_progress else None) as bar:
+                done = prepare_site(cfg.manifest, cfg.task, profile, splits, cache,
+                                    workers=args.workers, progress=bar.update)
+            print(f"{cfg.site}: {done.rows} patient(s) of split(s) {'+'.join(splits)} "
+                  f"prepared for task {cfg.task}, profile {profile}: {done.built} decoded, "
+                  f"{done.reused} unchanged, {done.seconds:.1f} s", flush=True)
+    except DataError as exc:
+        print(f"error: {len(exc.issues)} problem(s); the patients listed are not prepared:",
+              file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    print(f"{cfg.site}: preparation cache {cache.folder}")
+    return 0
 
 
 def _run_site(args: argparse.Namespace) -> int:
@@ -116,7 +155,7 @@ def _run_site(args: argparse.Namespace) -> int:
     print(f"{cfg.site}: data check passed ({len(manifest.rows)} rows, task {task.name}, "
           f"role {cfg.role}); connecting to {cfg.coordinator}", flush=True)
     print(f"{cfg.site}: release policy {cfg.disclosure.describe()}", flush=True)
-    home = Path(args.state_dir or (cfg.path.parent / f".hcc-fl-{cfg.site}")).resolve()
+    home = _state_home(args, cfg.path, cfg.site)
     home.mkdir(parents=True, exist_ok=True)
     audit = cfg.audit_log or home / "audit.jsonl"
     exe = str(Path(sys.executable).parent / "flower-supernode")
@@ -296,6 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "are kept, the manifest is replaced)")
     pl.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl.set_defaults(func=_pull)
+    pr = sub.add_parser(
+        "prepare", help="decode the site's images into its preparation cache, ahead of a run",
+        description="Decode and preprocess every patient of the site's splits (train+val; "
+        "external: test) once, in parallel over the CPUs, into the preparation cache in the "
+        "site's state folder (<state>/prepcache: files 0600, no patient ID or path inside; "
+        "never sent anywhere). Training, validation and evaluation messages then read it "
+        "instead of the DICOM files. Patients whose files, manifest row, preprocessing or code "
+        "version changed are decoded again; the others are kept.",
+    )
+    pr.add_argument("--site-config", required=True, metavar="SITE.yaml",
+                    help="the site's configuration (task, role, manifest, decode limit)")
+    pr.add_argument("--state-dir", help="the site's state folder (default: .hcc-fl-<site> "
+                    "next to SITE.yaml, as when the site runs)")
+    pr.add_argument("--role", choices=("train", "external"), help="override SITE.yaml's role")
+    pr.add_argument("--profile", action="append", choices=("full", "tiny"),
+                    help="model profile(s) the coordinator runs, which fix the frames and "
+                    "image size (repeatable; default: full)")
+    pr.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes decoding in parallel (default: the CPUs available)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_prepare)
     return p
 
 
@@ -303,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hcc-fl-client``."""
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
-    known = {"check-data", "pull", "-h", "--help"}
+    known = {"check-data", "pull", "prepare", "-h", "--help"}
     if not any(a in known for a in args_list) and "--site-config" not in " ".join(args_list):
         parser.error("give --site-config SITE.yaml to run the site, or a COMMAND")
     return run_cli(parser, args_list)

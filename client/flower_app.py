@@ -40,7 +40,7 @@ from hcc_fl.client.components import (
     external_components,
     site_tabular,
 )
-from hcc_fl.client.data import SiteData, load_site
+from hcc_fl.client.data import SiteData, load_site, use_prep_cache
 from hcc_fl.client.decode_check import SizeLimits, use_limits
 from hcc_fl.client.disclosure import ReleasePolicy
 from hcc_fl.client.evaluate import ssl_validation, validation_metrics
@@ -133,12 +133,25 @@ def _audit(context: Context) -> AuditLog:
 
 
 def _site_limits(context: Context) -> None:
-    """Apply SITE.yaml's decode limit and allowed roots (node config; simulation: defaults)."""
+    """Apply SITE.yaml's decode limit and allowed roots (node config; simulation: defaults),
+    and read the site's images through its preparation cache (:func:`prep_cache_folder`)."""
     nc = context.node_config
     use_limits(SizeLimits.from_mb(float(cast(Any, nc["max-image-mb"]))
                                   if "max-image-mb" in nc else None))
     roots = str(nc.get("allowed-roots", "") or "")
     allow_roots([Path(r) for r in roots.split(os.pathsep) if r])
+    use_prep_cache(prep_cache_folder(context))
+
+
+def prep_cache_folder(context: Context) -> Path | None:
+    """The site's preparation cache: ``<state>/prepcache`` in deployment (where
+    ``hcc-fl-client prepare`` writes it), the run config's ``prep-cache`` in simulation (one
+    folder under the data root, :func:`hcc_fl.server.simulate.prep_cache_dir`), else none."""
+    nc, rc = context.node_config, context.run_config
+    if nc.get("state"):
+        return Path(str(nc["state"])) / "prepcache"
+    folder = str(rc.get("prep-cache", "") or "")
+    return Path(folder) if folder else None
 
 
 def _guarded(kind: str) -> Callable[[Callable[[Message, Context], Message]],

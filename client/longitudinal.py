@@ -59,7 +59,7 @@ def _cell_issues(manifest: Manifest, line: int, column: str, exc: DataError) -> 
             for i in exc.issues]
 
 
-def _pair_row(
+def pair_row(
     manifest: Manifest, line: int, row: dict[str, str], size: int
 ) -> tuple[F32, F32] | list[DataIssue]:
     """The (2, S, S) images and masks of one row, or the problems found in its four cells."""
@@ -122,7 +122,7 @@ def load_pairs(manifest_path: str | Path, splits: tuple[str, ...], size: int) ->
     images: list[F32] = []
     masks: list[F32] = []
     for line, row in rows:
-        found = _pair_row(manifest, line, row, size)
+        found = pair_row(manifest, line, row, size)
         if isinstance(found, list):
             issues += found
             continue
@@ -145,4 +145,4 @@ def load_pairs(manifest_path: str | Path, splits: tuple[str, ...], size: int) ->
     return out
 
 
-__all__ = ["CLINICAL", "PAIRS", "PairData", "load_pairs"]
+__all__ = ["CLINICAL", "PAIRS", "PairData", "load_pairs", "pair_row"]

@@ -52,6 +52,11 @@ def allow_roots(roots: tuple[Path, ...] | list[Path]) -> None:
     _ALLOWED_ROOTS = tuple(Path(r).resolve() for r in roots)
 
 
+def allowed_roots() -> tuple[Path, ...]:
+    """The folders set by :func:`allow_roots` in this process."""
+    return _ALLOWED_ROOTS
+
+
 def inside_roots(path: Path, root: Path, allowed: tuple[Path, ...] | None = None) -> bool:
     """Whether ``path`` (symlinks resolved) lies in ``root`` or one of the allowed roots."""
     real = path.resolve()

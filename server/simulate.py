@@ -9,9 +9,11 @@ never left half-overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -174,12 +176,62 @@ def _run_config(cfg: dict[str, Any], arm: str, run_dir: Path, data_root: Path) -
         "batch-size": int(cfg["model"]["batch_size"]),
         "run-key": f"{cfg.get('run_name')}-{cfg.get('run_uid', 'x')}/{arm}",
         "privacy-dir": str(run_dir / "privacy"),
+        "prep-cache": str(cfg.get("_prep_cache") or ""),
         **_privacy_run_config(cfg.get("privacy") or {"mode": "none"}),
         # every simulated site's release policy (a deployed site's comes from its SITE.yaml)
         **ReleasePolicy.from_mapping(cfg.get("disclosure") or {}).as_config(),
         "resume": bool(cfg.get("_resume", False)),
         R.RC_FEDBN: int(arm.removesuffix(NO_SSL) == "fedbn"),
     }
+
+
+PREP_CACHE = ".hcc-fl-prepcache"
+
+
+def prep_cache_dir(data_root: Path) -> Path | None:
+    """The simulated sites' preparation cache (:mod:`hcc_fl.client.prepcache`):
+    ``<data_root>/.hcc-fl-prepcache``, one folder for all sites of the data root (entries are
+    keyed by content, so sites, arms and runs share them safely, and a new run of the same data
+    decodes nothing); None when the data root is read-only (then each process keeps its tensors
+    in memory only)."""
+    folder = data_root / PREP_CACHE
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK | os.X_OK) else None
+
+
+def prepare_sites(cfg: dict[str, Any], data_root: Path, index: dict[str, Any], folder: Path,
+                  quiet: bool = False) -> None:
+    """Decode every simulated site's patients into the preparation cache before the arms
+    (in parallel over the CPUs, with a progress bar); the ClientApps then only read it."""
+    from hcc_fl.client.data import prepare_site
+    from hcc_fl.client.prepcache import PrepCache
+
+    fed = cfg["federation"]
+    sites: list[tuple[str, tuple[str, ...]]] = [(s, ("train", "val"))
+                                                for s in fed["training_sites"]]
+    if fed.get("external_site"):
+        sites.append((fed["external_site"], ("test",)))
+    cache = PrepCache(folder)
+    with tqdm(desc="     prepare", unit="patient", disable=None if not quiet else True) as bar:
+        for site, splits in sites:
+            done = prepare_site(data_root / index["sites"][site]["manifest"],
+                                cfg["task"]["name"], cfg["model"]["profile"], splits, cache,
+                                progress=bar.update)
+            log.debug("prepared site %s: %d decoded, %d unchanged (%.1f s)", site, done.built,
+                      done.reused, done.seconds)
+
+
+def _reading(prep: Path | None) -> contextlib.AbstractContextManager[None]:
+    """Read site tensors through the preparation cache ``prep`` in this process (baselines,
+    comparisons); nothing without one (the coordinator of a deployment has no site readers)."""
+    if prep is None:
+        return contextlib.nullcontext()
+    from hcc_fl.client.data import using_prep_cache
+
+    return using_prep_cache(prep)
 
 
 def _secagg_run_config(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -373,6 +425,11 @@ def run_simulation(
         (work / "config.json").write_text(json.dumps(cfg, indent=2))
     timing: dict[str, float] = {}
     t_start = time.monotonic()
+    prep = prep_cache_dir(data_root) if deployment is None else None
+    if prep is not None:
+        t0 = time.monotonic()
+        prepare_sites(cfg, data_root, index, prep, quiet)
+        timing["prepare_s"] = time.monotonic() - t0
 
     fed = cfg["federation"]
     n_nodes = len(fed["training_sites"]) + (1 if fed.get("external_site") else 0)
@@ -405,7 +462,8 @@ def run_simulation(
                 app_dir = write_app_bundle(
                     work / "app" / arm,
                     {**_run_config({**cfg, "insecure": bool(deployment and deployment.insecure),
-                                    "_resume": resuming}, arm, work, data_root),
+                                    "_resume": resuming, "_prep_cache": prep}, arm, work,
+                                   data_root),
                      # the key decides who a node is (server/identity.py); none in simulation
                      R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
                      if deployment is not None and deployment.pki is not None
@@ -459,7 +517,8 @@ def run_simulation(
                                  disable=None if not quiet else True)
             bars[arm].update(1)
 
-        baselines = run_baselines(cfg, data_root, index, progress)
+        with _reading(prep):  # the baselines read the prepared tensors too
+            baselines = run_baselines(cfg, data_root, index, progress)
         for bar_ in bars.values():
             bar_.close()
         timing["baselines_s"] = time.monotonic() - t0
@@ -503,8 +562,9 @@ def run_simulation(
         history.extend(b.history)
         torch.save(b.state_dict, models / f"{b.name.replace(':', '-')}.pt")
     deep_arms = [a for a in external if "/" not in a]
-    comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
-                   if deployment is None else deployed_comparisons)
+    with _reading(prep):
+        comparisons = (_compare_arms(cfg, data_root, index, models, deep_arms)
+                       if deployment is None else deployed_comparisons)
     shutil.rmtree(work / "arms", ignore_errors=True)
     primary = arms[0] if arms else (baselines[0].name if baselines else None)
     if primary:
