@@ -15,6 +15,14 @@ from hcc_fl.shared.procs import stop_group
 from hcc_fl.shared.tasks import TASKS, get_task
 
 
+def _problems(title: str, exc: DataError) -> int:
+    """Print a data error's issues (each names file, row and column) to stderr; exit code 1."""
+    print(title, file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+    return 1
+
+
 def _check_data(args: argparse.Namespace) -> int:
     from hcc_fl.client.decode_check import SizeLimits, use_limits
     from hcc_fl.client.manifest import validate_manifest
@@ -34,11 +42,8 @@ def _check_data(args: argparse.Namespace) -> int:
                                                          for r in args.allow_root),
                                      both_classes=splits if args.role == "external" else ())
     except DataError as exc:
-        print(f"{args.manifest}: {len(exc.issues)} problem(s) for task {task.name}:",
-              file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 1
+        return _problems(f"{args.manifest}: {len(exc.issues)} problem(s) for task {task.name}:",
+                         exc)
     counts = {s: len(manifest.rows_in((s,))) for s in ("train", "val", "test")}
     label = [r[task.label] for r in manifest.rows]
     print(f"{manifest.path}: OK for task {task.name} ({len(manifest.rows)} rows; "
@@ -120,11 +125,8 @@ def _prepare(args: argparse.Namespace) -> int:
                   f"prepared for task {cfg.task}, profile {profile}: {done.built} decoded, "
                   f"{done.reused} unchanged, {done.seconds:.1f} s", flush=True)
     except DataError as exc:
-        print(f"error: {len(exc.issues)} problem(s); the patients listed are not prepared:",
-              file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 1
+        return _problems(f"error: {len(exc.issues)} problem(s); the patients listed are not "
+                         "prepared:", exc)
     print(f"{cfg.site}: preparation cache {cache.folder}")
     return 0
 

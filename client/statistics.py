@@ -80,11 +80,8 @@ def validation_sums_prob(y: F64, prob: F64, grid: ScoreGrid, policy: ReleasePoli
     out: dict[str, Any] = {
         "pos": pos, "neg": neg, "calibration": cal,
         "n": len(y), "n_pos": int(y.sum()), "loss": bce_loss(prob, y),
-        "auc": None, "auc_ci": None, "cells": cells,
+        "cells": cells, **_auc_fields(y, prob),
     }
-    if 0 < y.sum() < len(y):
-        r = auc_ci(y, prob)
-        out.update(auc=r.auc, auc_ci=[r.lower, r.upper])
     return out
 
 
@@ -309,11 +306,15 @@ def site_auc(model: nn.Module, data: SiteData, device: str = "cpu") -> dict[str,
     """A model's AUC (DeLong CI), n and cases on one site's split: the per-site numbers of
     pass 1 (:func:`validation_sums_prob`), for the cross-site matrix of the baselines."""
     y = data.label.numpy().astype(np.float64)
-    out: dict[str, Any] = {"auc": None, "auc_ci": None, "n": len(y), "n_pos": int(y.sum())}
-    if 0 < y.sum() < len(y):
-        r = auc_ci(y, predict(model, data, device))
-        out.update(auc=r.auc, auc_ci=[r.lower, r.upper])
-    return out
+    return {"n": len(y), "n_pos": int(y.sum()), **_auc_fields(y, predict(model, data, device))}
+
+
+def _auc_fields(y: F64, prob: F64) -> dict[str, Any]:
+    """``auc`` and its DeLong ``auc_ci`` on one site's patients (None with one class)."""
+    if not 0 < y.sum() < len(y):
+        return {"auc": None, "auc_ci": None}
+    r = auc_ci(y, prob)
+    return {"auc": r.auc, "auc_ci": [r.lower, r.upper]}
 
 
 def compare_models(models: dict[str, nn.Module], data: SiteData, device: str = "cpu",

@@ -310,6 +310,14 @@ def _compare_arms(
                           ReleasePolicy.from_mapping(cfg.get("disclosure") or {}))
 
 
+def _allow_list(deployment: Deployment | None) -> str:
+    """The run config's allow-list folder: the key decides who a node is
+    (server/identity.py); none in simulation or with ``--insecure``."""
+    if deployment is None or deployment.pki is None or deployment.insecure:
+        return ""
+    return str(deployment.pki.resolve() / "authorized")
+
+
 def _compare_deployed(cfg: dict[str, Any], work: Path, data_root: Path, link: Any,
                       arms: list[str], deployment: Deployment, site_stats: Iterable[str] = ()
                       ) -> list[dict[str, Any]]:
@@ -326,8 +334,7 @@ def _compare_deployed(cfg: dict[str, Any], work: Path, data_root: Path, link: An
     stage = work / "arms" / ".compare"
     app_dir = write_app_bundle(work / "app" / ".compare", {
         **_run_config({**cfg, "insecure": deployment.insecure}, ".compare", work, data_root),
-        R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
-        if deployment.pki is not None and not deployment.insecure else "",
+        R.RC_ALLOW_LIST: _allow_list(deployment),
         R.RC_STAGE: "compare",
         R.RC_COMPARE: json.dumps(files),
     })
@@ -465,9 +472,7 @@ def run_simulation(
                                     "_resume": resuming, "_prep_cache": prep}, arm, work,
                                    data_root),
                      # the key decides who a node is (server/identity.py); none in simulation
-                     R.RC_ALLOW_LIST: str(deployment.pki.resolve() / "authorized")
-                     if deployment is not None and deployment.pki is not None
-                     and not deployment.insecure else "",
+                     R.RC_ALLOW_LIST: _allow_list(deployment),
                      **(_secagg_run_config(cfg, work) if deployment is None else {})},
                 )
                 bar = tqdm(total=int(fed["rounds"]), desc=f"{arm:>12} rounds", unit="round",
